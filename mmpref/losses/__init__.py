@@ -1,0 +1,16 @@
+"""The modality-free loss core: it only ever sees per-sample implicit log-ratios ℓ (DESIGN §1)."""
+
+from mmpref.losses._common import PreferenceLossOutput
+from mmpref.losses.dpo import dpo_loss
+from mmpref.losses.pairwise import LOSS_TYPES, pairwise_loss
+from mmpref.losses.rpo import RPO_MODES, contrast_weights, rpo_loss
+
+__all__ = [
+    "LOSS_TYPES",
+    "RPO_MODES",
+    "PreferenceLossOutput",
+    "contrast_weights",
+    "dpo_loss",
+    "pairwise_loss",
+    "rpo_loss",
+]

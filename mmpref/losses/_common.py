@@ -1,0 +1,106 @@
+"""Argument checks and the result object shared by the loss functions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mmpref.losses.pairwise import LOSS_TYPES
+
+
+@dataclass
+class PreferenceLossOutput:
+    """What every loss returns.
+
+    loss: scalar mean of ``per_pair`` (what you call ``backward`` on).
+    per_pair: the loss per pair (DPO) or per chosen row (RPO), for logging or reweighting.
+    metrics: detached scalar tensors keyed like TRL's (``rewards/chosen``, ...).
+    """
+
+    loss: Tensor
+    per_pair: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def mean_or_zero(x: Tensor) -> Tensor:
+    """Mean that stays a differentiable 0 on an empty tensor instead of NaN."""
+    return x.mean() if x.numel() else x.sum() * 0.0
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+
+
+def check_tensor(name: str, t: Tensor, *, ndim: int, size: int | None = None, dim: int = 0) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if size is not None and t.shape[dim] != size:
+        raise ValueError(f"{name}: expected size {size} along dim {dim}, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name}: contains NaN or inf")
+
+
+def check_loss_args(
+    loss_type: str,
+    *,
+    beta: float,
+    label_smoothing: float,
+    offsets: Tensor | None,
+    label_probs: Tensor | None,
+    shape: tuple[int, ...],
+) -> None:
+    """Checks the arguments of one pairwise loss; ``shape`` is that of the h it will see."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: unknown {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    check_positive("beta", beta)
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"label_smoothing: must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type not in ("robust", "cdpo"):
+        raise ValueError(f"label_smoothing: only used by loss_type 'robust' and 'cdpo', not {loss_type!r}")
+    if loss_type == "odpo":
+        if offsets is None:
+            raise ValueError("offsets: required for loss_type 'odpo' (Δ_r = α·log(s_w − s_l) per pair)")
+        _check_same_shape("offsets", offsets, shape)
+    if loss_type == "rdpo":
+        if label_probs is None:
+            raise ValueError("label_probs: required for loss_type 'rdpo' (p = σ((r_w − r_l)/τ_r) per pair)")
+        _check_same_shape("label_probs", label_probs, shape)
+        if ((label_probs < 0) | (label_probs > 1)).any():
+            raise ValueError("label_probs: values must lie in [0, 1]")
+
+
+def _check_same_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+    check_tensor(name, t, ndim=len(shape))
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
+def check_lengths(name: str, lengths: Tensor | None, size: int) -> None:
+    if lengths is None:
+        return
+    if not isinstance(lengths, Tensor) or lengths.ndim != 1 or lengths.shape[0] != size:
+        raise ValueError(f"{name}: expected a 1-D tensor of {size} token counts")
+    if not (lengths > 0).all():
+        raise ValueError(f"{name}: token counts must be > 0")
+
+
+def reward_metrics(beta: float, chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
+    """rewards/* of TRL: β·ℓ per side, margins and accuracies (ties count 0.5) over matched pairs."""
+    with torch.no_grad():
+        rc, rr = beta * chosen.detach(), beta * rejected.detach()
+        margins = rc - rr
+        acc = (margins > 0).float() + 0.5 * (margins == 0).float()
+        return {
+            "rewards/chosen": rc.mean(),
+            "rewards/rejected": rr.mean(),
+            "rewards/margins": margins.mean(),
+            "rewards/accuracies": acc.mean(),
+        }

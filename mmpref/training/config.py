@@ -1,0 +1,213 @@
+"""Run configuration: YAML files plus ``dotted.key=value`` overrides, checked before anything loads.
+
+Every key is a dataclass field below, so the defaults and the documentation live in one place.
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmpref.losses import LOSS_TYPES, RPO_MODES
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class LossConfig:
+    type: str = "sigmoid"  # one of LOSS_TYPES, or "rpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # ε of robust / cdpo
+    gamma: float = 0.5  # SimPO target margin γ
+    offset_alpha: float = 1.0  # ODPO: Δ_r = α·log(s_w − s_l) from score columns
+    reward_temperature: float = 1.0  # rDPO: p = σ((s_w − s_l)/τ_r) from score columns
+    sft_weight: float = 0.0  # optional NLL on the chosen response (TRL calls this rpo_alpha)
+
+
+@dataclass
+class RPOConfig:
+    mode: str = "paired"  # paired | unpaired | diagonal
+    temperature: float = 0.5
+    diagonal_weight: float = 0.8
+    base_loss: str = "sigmoid"
+    embedding_model: str | None = None  # None: the installed all-MiniLM-L6-v2
+    global_batch: bool = False  # contrast matrix over the batch of all processes
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge: bool = False  # also save a merged full model under final/merged
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""
+    dataset: str = ""
+    eval_dataset: str | None = None
+    eval_split: float = 0.0  # held-out share of `dataset` when no eval_dataset is given
+    output_dir: str = "runs/mmpref"
+    loss: LossConfig = field(default_factory=LossConfig)
+    rpo: RPOConfig = field(default_factory=RPOConfig)
+    lora: LoraConfig | None = None
+    precompute_ref: bool = True
+    max_steps: int = 100
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | rmsprop (the RPO paper's choice)
+    lr_scheduler: str = "linear"  # any transformers.get_scheduler name
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    torch_dtype: str = "float32"  # float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+    max_length: int = 512
+    max_prompt_length: int = 256
+    truncation_mode: str = "keep_end"  # keep_end | keep_start, for the prompt
+    on_bad_rows: str = "error"  # error | skip
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the start and the end only
+    save_every: int = 0  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    report_to: str = "tensorboard"  # tensorboard | none
+    trust_remote_code: bool = False
+
+
+CHOICES = {
+    "loss.type": (*LOSS_TYPES, "rpo"),
+    "rpo.mode": RPO_MODES,
+    "rpo.base_loss": LOSS_TYPES,
+    "optimizer": ("adamw", "rmsprop"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "torch_dtype": ("float32", "bfloat16", "float16"),
+    "truncation_mode": ("keep_end", "keep_start"),
+    "on_bad_rows": ("error", "skip"),
+    "report_to": ("tensorboard", "none"),
+}
+POSITIVE = ("loss.beta", "rpo.temperature", "max_steps", "batch_size", "eval_batch_size",
+            "gradient_accumulation_steps", "learning_rate", "max_length", "max_prompt_length",
+            "loss.reward_temperature", "keep_checkpoints")  # fmt: skip
+NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "loss.sft_weight", "eval_every", "save_every",
+                "log_every", "loss.gamma")  # fmt: skip
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys here: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()})
+
+
+def _get(cfg: TrainConfig, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Range and consistency checks that the types alone do not express."""
+    if not cfg.model:
+        raise ConfigError("model: required (a local model folder)")
+    if not cfg.dataset:
+        raise ConfigError("dataset: required (a local .jsonl, .parquet or saved datasets folder)")
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {_get(cfg, key)!r}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
+    if not 0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5), got {cfg.loss.label_smoothing!r}")
+    if not 0 <= cfg.eval_split < 1:
+        raise ConfigError(f"eval_split: must be in [0, 1), got {cfg.eval_split!r}")
+    if not 0 <= cfg.rpo.diagonal_weight <= 1:
+        raise ConfigError(f"rpo.diagonal_weight: must be in [0, 1], got {cfg.rpo.diagonal_weight!r}")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError("max_prompt_length: must be smaller than max_length")
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"{item}: overrides take the form dotted.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
+) -> TrainConfig:
+    """Read a YAML config, apply ``dotted.key=value`` overrides (values parsed as YAML), validate."""
+    data: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: no such file {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of keys")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
+        node[keys[-1]] = value
+    return validate(_build(TrainConfig, data))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,115 @@
+"""From per-row adapter outputs to the configured loss of the core (modality-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+from mmpref.losses import PreferenceLossOutput, dpo_loss, rpo_loss
+from mmpref.training.config import LossConfig, RPOConfig
+
+ODPO_MIN_SCORE_GAP = 1e-3  # log(s_w − s_l) is undefined for s_w ≤ s_l: the gap is clamped here
+
+
+@dataclass
+class Rows:
+    """What an adapter returns for a batch of B rows.
+
+    logratios: (B, K) implicit log-ratios ℓ; K = 2 for pairs (chosen, rejected), 1 for unpaired rows.
+    lengths: (B, K) response token counts (LMs) or None (diffusion).
+    policy_logps: (B, K) policy log-probs, for the optional SFT term and SimPO.
+    embeddings: (B, D) one per prompt, or (B, K, D) one per sample, for RPO.
+    labels: (B,) bool for unpaired rows: True = desirable.
+    scores: (B, 2) reward-model scores (chosen, rejected) for odpo / rdpo.
+    row_index: (B,) dataset row of each batch row, to name rows in errors.
+    """
+
+    logratios: Tensor
+    row_index: Tensor
+    lengths: Tensor | None = None
+    policy_logps: Tensor | None = None
+    embeddings: Tensor | None = None
+    labels: Tensor | None = None
+    scores: Tensor | None = None
+
+
+def gather_rows(rows: Rows, accelerator) -> Rows:
+    """Concatenate every process's rows; the local slice keeps its autograd graph.
+
+    Each process then computes the same global loss, but gradients flow only into its own
+    rows, so the caller scales the loss by the number of processes before backward: DDP's
+    gradient averaging then gives exactly the gradient of the global loss.
+    """
+    if accelerator.num_processes == 1:
+        return rows
+    gathered = {}
+    for f in fields(rows):
+        value = getattr(rows, f.name)
+        if value is None:
+            gathered[f.name] = None
+            continue
+        parts = list(torch.distributed.nn.functional.all_gather(value.contiguous()))
+        parts[accelerator.process_index] = value
+        gathered[f.name] = torch.cat(parts) if value.requires_grad else torch.cat([p.detach() for p in parts])
+    return replace(rows, **gathered)
+
+
+def _split(rows: Rows) -> tuple[list, list]:
+    """Chosen and rejected sides, each [ℓ, lengths, policy log-probs, embeddings, scores]."""
+
+    def column(t: Tensor | None, j: int) -> Tensor | None:
+        return None if t is None else t[:, j]
+
+    emb = rows.embeddings
+    if rows.logratios.shape[1] == 2:
+        per_sample = emb is not None and emb.ndim == 3
+        return [
+            [column(rows.logratios, j), column(rows.lengths, j), column(rows.policy_logps, j),
+             column(emb, j) if per_sample else emb, column(rows.scores, j)]
+            for j in (0, 1)
+        ]  # fmt: skip
+    if rows.labels is None:
+        raise ValueError("unpaired rows need labels")
+    side = [column(rows.logratios, 0), column(rows.lengths, 0), column(rows.policy_logps, 0), emb, None]
+    good = rows.labels.bool()
+    return [[None if t is None else t[mask] for t in side] for mask in (good, ~good)]
+
+
+def preference_loss(loss_cfg: LossConfig, rpo_cfg: RPOConfig, rows: Rows) -> PreferenceLossOutput:
+    """The configured loss on a batch of rows (already gathered across processes if asked)."""
+    paired = rows.logratios.shape[1] == 2
+    (lw, nw, pw, ew, sw), (ll, nl, pl, el, sl) = _split(rows)
+    base = rpo_cfg.base_loss if loss_cfg.type == "rpo" else loss_cfg.type
+    if base == "simpo":  # reference-free: the policy's own log-probs
+        lw, ll = pw, pl
+    kwargs = {"beta": loss_cfg.beta, "label_smoothing": loss_cfg.label_smoothing, "gamma": loss_cfg.gamma,
+              "chosen_lengths": nw, "rejected_lengths": nl}  # fmt: skip
+    if base in ("odpo", "rdpo"):
+        if sw is None:
+            raise ValueError(f"loss {base!r} needs score_chosen / score_rejected columns in paired rows")
+        # RPO contrasts every chosen with every rejected sample: one score gap per contrast
+        gap = sw[:, None] - sl[None, :] if loss_cfg.type == "rpo" else sw - sl
+        if base == "odpo":
+            kwargs["offsets"] = loss_cfg.offset_alpha * gap.clamp_min(ODPO_MIN_SCORE_GAP).log()
+        else:
+            kwargs["label_probs"] = torch.sigmoid(gap / loss_cfg.reward_temperature)
+
+    if loss_cfg.type == "rpo":
+        if rpo_cfg.mode == "diagonal" and not paired:
+            raise ValueError("rpo.mode 'diagonal' needs paired rows (prompt, chosen, rejected)")
+        out = rpo_loss(lw, ll, mode=rpo_cfg.mode, chosen_embeddings=ew, rejected_embeddings=el,
+                       temperature=rpo_cfg.temperature, diagonal_weight=rpo_cfg.diagonal_weight,
+                       base_loss=base, **kwargs)  # fmt: skip
+    else:
+        if not paired:
+            raise ValueError(f"loss.type {loss_cfg.type!r} needs paired rows; unpaired data trains with "
+                             "loss.type=rpo and rpo.mode=unpaired")  # fmt: skip
+        out = dpo_loss(lw, ll, loss_type=base, **kwargs)
+
+    if loss_cfg.sft_weight and pw is not None and pw.numel():
+        nll = -(pw / nw).mean() if nw is not None else -pw.mean()
+        out.metrics["sft/nll"] = nll.detach()
+        out.loss = out.loss + loss_cfg.sft_weight * nll
+    return out

@@ -1,0 +1,216 @@
+"""Text preference training: model, data and reference for the one training loop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mmpref.adapters.causal_lm import collate, response_logps, tokenize_row
+from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
+from mmpref.training.config import ConfigError, TrainConfig
+from mmpref.training.objective import Rows
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fingerprint(folder: str | Path) -> str:
+    """Cheap identity of a model folder: names, sizes and mtimes of its files."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+class _Split:
+    """One dataset split, tokenized, with everything a batch needs besides the model."""
+
+    def __init__(self, task: TextTask, data: TextDataset, rows: list[dict], name: str):
+        cfg, tok = task.cfg, task.tokenizer
+        self.name, self.format = name, data.format
+        paired = data.format == "paired"
+        self.rows = [
+            tokenize_row(
+                tok, i, r["prompt"], [r["chosen"], r["rejected"]] if paired else [r["completion"]],
+                max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                truncation_mode=cfg.truncation_mode,
+            )
+            for i, r in enumerate(rows)
+        ]  # fmt: skip
+        self.labels = None if paired else torch.tensor([bool(r["label"]) for r in rows])
+        self.scores = None
+        if paired and rows and all(r.get("score_chosen") is not None for r in rows):
+            self.scores = torch.tensor(
+                [[r["score_chosen"], r["score_rejected"]] for r in rows], dtype=torch.float32
+            )
+        self.embeddings = None
+        if cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal":
+            self.embeddings = prompt_embeddings(
+                [prompt_text(r["prompt"]) for r in rows],
+                model=cfg.rpo.embedding_model,
+                cache_dir=Path(data.source).parent / ".mmpref_cache",
+            )
+        self.ref_logps: Tensor | None = None
+        digest = hashlib.sha256(json.dumps([[r.prompt, r.responses] for r in self.rows]).encode())
+        self.key = digest.hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def collate(self, indices: list[int], pad_token_id: int) -> dict[str, Tensor]:
+        batch = collate([self.rows[i] for i in indices], pad_token_id)
+        for name in ("labels", "scores", "embeddings", "ref_logps"):
+            value = getattr(self, name)
+            if value is not None:
+                batch[name] = value[indices]
+        return batch
+
+
+class TextTask:
+    """Causal-LM preference training (DESIGN §1): ℓ from summed response log-probs."""
+
+    def __init__(self, cfg: TrainConfig, accelerator):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.accelerator = cfg, accelerator
+        if not Path(cfg.model).is_dir():
+            raise ConfigError(f"model: no model folder at {cfg.model}")
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            cfg.model, dtype=DTYPES[cfg.torch_dtype], trust_remote_code=cfg.trust_remote_code
+        )
+        self.reference_free = (cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type) == "simpo"
+
+        train = prepare_text_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows)
+        train_rows = train.dataset.to_list()
+        if cfg.eval_dataset:
+            evald = prepare_text_dataset(cfg.eval_dataset, on_bad_rows=cfg.on_bad_rows)
+            eval_rows = evald.dataset.to_list()
+        else:
+            evald, eval_rows = train, []
+            if cfg.eval_split:
+                order = torch.randperm(
+                    len(train_rows), generator=torch.Generator().manual_seed(cfg.seed)
+                ).tolist()
+                n_eval = max(1, int(len(train_rows) * cfg.eval_split))
+                eval_rows = [train_rows[i] for i in order[:n_eval]]
+                train_rows = [train_rows[i] for i in sorted(order[n_eval:])]
+        if cfg.loss.type != "rpo" and train.format == "unpaired":
+            raise ConfigError(
+                "loss.type: unpaired data (prompt, completion, label) trains with loss.type=rpo"
+            )
+        self.train = _Split(self, train, train_rows, "train")
+        self.eval = _Split(self, evald, eval_rows, "eval") if eval_rows else None
+
+        self.reference: nn.Module | None = None
+        if not self.reference_free:
+            if cfg.precompute_ref:
+                for split in (self.train, self.eval):
+                    if split is not None:
+                        split.ref_logps = self._precompute(split)
+            elif cfg.lora is None:
+                self.reference = AutoModelForCausalLM.from_pretrained(
+                    cfg.model, dtype=DTYPES[cfg.torch_dtype], trust_remote_code=cfg.trust_remote_code
+                )
+                self.reference.requires_grad_(False).eval().to(accelerator.device)
+
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lc = cfg.lora
+            self.model = get_peft_model(
+                self.model,
+                LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                           target_modules=lc.target_modules, task_type="CAUSAL_LM"),
+            )  # fmt: skip
+
+    # -- reference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _precompute(self, split: _Split) -> Tensor:
+        """Reference log-probs of every row, once, cached in the output folder.
+
+        The policy before training *is* the reference, so no second model is loaded.
+        Each process computes a strided share of the rows; the shares are then gathered.
+        """
+        acc = self.accelerator
+        key = f"{fingerprint(self.cfg.model)}-{split.key}-{self.cfg.torch_dtype}"
+        cache = Path(self.cfg.output_dir) / "cache" / f"ref_logps-{split.name}-{key}.safetensors"
+        if cache.is_file():
+            return load_file(cache)["ref_logps"]
+        model = self.model.to(acc.device).eval()
+        mine = list(range(acc.process_index, len(split), acc.num_processes))
+        results = []
+        bs = self.cfg.eval_batch_size
+        for start in range(0, len(mine), bs):
+            idx = mine[start : start + bs]
+            batch = {k: v.to(acc.device) for k, v in split.collate(idx, self.tokenizer.pad_token_id).items()}
+            results.extend(zip(idx, response_logps(model, batch)[0].float().cpu().tolist()))
+        ref = torch.zeros(len(split), len(split.rows[0].responses))
+        for i, values in gather_object(results):
+            ref[i] = torch.tensor(values)
+        if acc.is_main_process:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            save_file({"ref_logps": ref}, tmp)
+            os.replace(tmp, cache)
+        model.train()
+        return ref
+
+    def _reference_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor | None:
+        if self.reference_free:
+            return None
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        with torch.no_grad():
+            if self.reference is not None:
+                return response_logps(self.reference, batch)[0]
+            with self.accelerator.unwrap_model(
+                model
+            ).disable_adapter():  # LoRA: the base model is the reference
+                return response_logps(model, batch)[0]
+
+    # -- what the loop calls --------------------------------------------------------------
+    def collate_train(self, indices: list[int]) -> dict[str, Tensor]:
+        return self.train.collate(indices, self.tokenizer.pad_token_id)
+
+    def collate_eval(self, indices: list[int]) -> dict[str, Tensor]:
+        return self.eval.collate(indices, self.tokenizer.pad_token_id)
+
+    def rows(self, model: nn.Module, batch: dict[str, Tensor]) -> Rows:
+        logps, counts = response_logps(model, batch)
+        ref = self._reference_logps(model, batch)
+        return Rows(
+            logratios=logps if ref is None else logps - ref,
+            row_index=batch["row_index"],
+            lengths=counts.to(logps.dtype),
+            policy_logps=logps,
+            embeddings=batch.get("embeddings"),
+            labels=batch.get("labels"),
+            scores=batch.get("scores"),
+        )
+
+    def tokens_in(self, batch: dict[str, Tensor]) -> int:
+        return int((batch["position_ids"] > 0).sum()) + batch["position_ids"].shape[0]
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """``final/`` loads with AutoModelForCausalLM; with LoRA it holds the adapter (and merged/)."""
+        model.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+        if self.cfg.lora is not None and self.cfg.lora.merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(out_dir / "merged", safe_serialization=True)
+            self.tokenizer.save_pretrained(out_dir / "merged")

@@ -126,7 +126,11 @@ class _Checkpointer:
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     """Train as configured; returns the folder of the final model (``output_dir/final``)."""
     out = Path(cfg.output_dir)
+    # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
+    # CPU machine): ask Accelerate for its multi-CPU (gloo) mode instead of silently running alone.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=multi_cpu,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(out),

@@ -50,9 +50,10 @@ def gather_rows(rows: Rows, accelerator) -> Rows:
         if value is None:
             gathered[f.name] = None
             continue
-        parts = list(torch.distributed.nn.functional.all_gather(value.contiguous()))
+        parts = [torch.empty_like(value) for _ in range(accelerator.num_processes)]
+        torch.distributed.all_gather(parts, value.detach().contiguous())
         parts[accelerator.process_index] = value
-        gathered[f.name] = torch.cat(parts) if value.requires_grad else torch.cat([p.detach() for p in parts])
+        gathered[f.name] = torch.cat(parts)
     return replace(rows, **gathered)
 
 

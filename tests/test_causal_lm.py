@@ -8,9 +8,17 @@ from mmpref.adapters.causal_lm import collate, render, response_logps, tokenize_
 from mmpref.testing import make_tiny_lm
 
 ROWS = [
-    ("How long should bread dough rise before baking it in the oven?", "About an hour.", "Forever and ever, my friend."),
+    (
+        "How long should bread dough rise before baking it in the oven?",
+        "About an hour.",
+        "Forever and ever, my friend.",
+    ),
     ("Name a planet.", "Mars is a planet.", "Bread."),
-    ("Tell me something about the orbit of the moon around the earth and why tides happen.", "Gravity.", "No."),
+    (
+        "Tell me something about the orbit of the moon around the earth and why tides happen.",
+        "Gravity.",
+        "No.",
+    ),
 ]
 
 
@@ -33,7 +41,7 @@ def padded_logps(model, tokenizer, pairs, side: str) -> torch.Tensor:
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
     labels = torch.zeros_like(ids, dtype=torch.bool)
-    for i, ((p, r), s) in enumerate(zip(pairs, seqs)):
+    for i, ((p, _), s) in enumerate(zip(pairs, seqs)):
         off = width - len(s) if side == "left" else 0
         ids[i, off : off + len(s)] = torch.tensor(s)
         mask[i, off : off + len(s)] = 1
@@ -47,7 +55,10 @@ def padded_logps(model, tokenizer, pairs, side: str) -> torch.Tensor:
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batched_logps_match_slow_and_padded(lm, side):
     model, tok = lm
-    rows = [tokenize_row(tok, i, p, [c, r], max_length=40, max_prompt_length=12) for i, (p, c, r) in enumerate(ROWS)]
+    rows = [
+        tokenize_row(tok, i, p, [c, r], max_length=40, max_prompt_length=12)
+        for i, (p, c, r) in enumerate(ROWS)
+    ]
     assert any(len(tok(p)["input_ids"]) > 12 for p, _, _ in ROWS), "a prompt must be truncated"
     with torch.no_grad():
         logps, counts = response_logps(model, collate(rows, tok.pad_token_id))
@@ -62,7 +73,9 @@ def test_batched_logps_match_slow_and_padded(lm, side):
 
 def test_single_response_rows_and_gradients_flow(lm):
     model, tok = lm
-    rows = [tokenize_row(tok, i, p, [c], max_length=64, max_prompt_length=32) for i, (p, c, _) in enumerate(ROWS)]
+    rows = [
+        tokenize_row(tok, i, p, [c], max_length=64, max_prompt_length=32) for i, (p, c, _) in enumerate(ROWS)
+    ]
     logps, _ = response_logps(model, collate(rows, tok.pad_token_id))
     assert logps.shape == (3, 1)
     logps.sum().backward()

@@ -39,7 +39,12 @@ class RPOConfig:
     temperature: float = 0.5
     diagonal_weight: float = 0.8
     base_loss: str = "sigmoid"
-    embedding_model: str | None = None  # None: the installed all-MiniLM-L6-v2
+    embedding_model: str | None = (
+        None  # text: sentence-transformers folder; None: the installed all-MiniLM-L6-v2
+    )
+    embedding: str = "image+text"  # diffusion: CLIP embedding of the text, the image, or the mean of both
+    clip_model: str | None = None  # diffusion: open_clip model name, or a local-dir: folder
+    clip_weights: str | None = None  # diffusion: local checkpoint file for clip_model
     global_batch: bool = False  # contrast matrix over the batch of all processes
 
 
@@ -53,8 +58,20 @@ class LoraConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    prompt_dropout: float = 0.2  # probability of an empty caption (Diffusion-DPO)
+    cache_latents: bool = True  # VAE latents and text-encoder outputs computed once, not per step
+    attention: str = "sdpa"  # sdpa | xformers
+    ema_decay: float = 0.0  # 0: no EMA of the trained weights
+
+
+@dataclass
 class TrainConfig:
     model: str = ""
+    modality: str = "auto"  # auto (diffusion when the model folder has a model_index.json) | text | diffusion
     dataset: str = ""
     eval_dataset: str | None = None
     eval_split: float = 0.0  # held-out share of `dataset` when no eval_dataset is given
@@ -62,6 +79,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     rpo: RPOConfig = field(default_factory=RPOConfig)
     lora: LoraConfig | None = None
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     precompute_ref: bool = True
     max_steps: int = 100
     batch_size: int = 4
@@ -69,7 +87,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-6
     weight_decay: float = 0.0
-    optimizer: str = "adamw"  # adamw | rmsprop (the RPO paper's choice)
+    optimizer: str = (
+        "adamw"  # adamw | rmsprop (the RPO paper's choice) | adafactor | adamw8bit (bitsandbytes)
+    )
     lr_scheduler: str = "linear"  # any transformers.get_scheduler name
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -93,7 +113,10 @@ CHOICES = {
     "loss.type": (*LOSS_TYPES, "rpo"),
     "rpo.mode": RPO_MODES,
     "rpo.base_loss": LOSS_TYPES,
-    "optimizer": ("adamw", "rmsprop"),
+    "optimizer": ("adamw", "rmsprop", "adafactor", "adamw8bit"),
+    "modality": ("auto", "text", "diffusion"),
+    "rpo.embedding": ("text", "image", "image+text"),
+    "diffusion.attention": ("sdpa", "xformers"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "torch_dtype": ("float32", "bfloat16", "float16"),
     "truncation_mode": ("keep_end", "keep_start"),
@@ -102,7 +125,7 @@ CHOICES = {
 }
 POSITIVE = ("loss.beta", "rpo.temperature", "max_steps", "batch_size", "eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "max_length", "max_prompt_length",
-            "loss.reward_temperature", "keep_checkpoints")  # fmt: skip
+            "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution")  # fmt: skip
 NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "loss.sft_weight", "eval_every", "save_every",
                 "log_every", "loss.gamma")  # fmt: skip
 
@@ -170,6 +193,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
     if not 0 <= cfg.loss.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5), got {cfg.loss.label_smoothing!r}")
+    if not 0 <= cfg.diffusion.prompt_dropout < 1:
+        raise ConfigError(
+            f"diffusion.prompt_dropout: must be in [0, 1), got {cfg.diffusion.prompt_dropout!r}"
+        )
+    if not 0 <= cfg.diffusion.ema_decay < 1:
+        raise ConfigError(f"diffusion.ema_decay: must be in [0, 1), got {cfg.diffusion.ema_decay!r}")
     if not 0 <= cfg.eval_split < 1:
         raise ConfigError(f"eval_split: must be in [0, 1), got {cfg.eval_split!r}")
     if not 0 <= cfg.rpo.diagonal_weight <= 1:

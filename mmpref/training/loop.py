@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from mmpref.training.config import TrainConfig, to_dict
+from mmpref.training.config import ConfigError, TrainConfig, to_dict
 from mmpref.training.objective import Rows, gather_rows, preference_loss
 from mmpref.training.plots import plot_metrics
 
@@ -33,10 +33,37 @@ class NonFiniteLossError(FloatingPointError):
     """The loss went NaN or inf; the message names the step and the dataset rows of the batch."""
 
 
+def is_diffusion(cfg: TrainConfig) -> bool:
+    if cfg.modality != "auto":
+        return cfg.modality == "diffusion"
+    return (Path(cfg.model) / "model_index.json").is_file()
+
+
 def build_task(cfg: TrainConfig, accelerator: Accelerator):
+    if is_diffusion(cfg):
+        from mmpref.training.diffusion_task import DiffusionTask
+
+        return DiffusionTask(cfg, accelerator)
     from mmpref.training.text_task import TextTask
 
     return TextTask(cfg, accelerator)
+
+
+def build_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)  # fmt: skip
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ConfigError("optimizer: adamw8bit needs bitsandbytes (pip install 'mmpref[bnb]')") from e
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def _batches(task, collate, size: int, batch_size: int, seed: int, epoch: int, skip: int, accelerator):
@@ -142,8 +169,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     task = build_task(cfg, accelerator)
     model = task.model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
-    optimizer = opt_cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg, params)
     # Not prepared: Accelerate would step a prepared scheduler once per process.
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.max_steps)  # fmt: skip
@@ -183,7 +209,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                   accelerator)  # fmt: skip
     scale = accelerator.num_processes if cfg.rpo.global_batch and cfg.loss.type == "rpo" else 1
     sums: dict[str, float] = {}
-    count, tokens, t0 = 0, 0, time.perf_counter()
+    count, units, t0 = 0, 0, time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                desc="train", dynamic_ncols=True)  # fmt: skip
     model.train()
@@ -215,7 +241,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             for k, v in {"loss": out_loss.loss.detach(), **out_loss.metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1
-            tokens += task.tokens_in(batch)
+            units += task.count_units(batch)
         if cfg.max_grad_norm:
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * accum
@@ -248,7 +274,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         task.save(accelerator.unwrap_model(model), final)
         plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        summary = {"train_seconds": round(elapsed, 2), "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1),
+        summary = {"train_seconds": round(elapsed, 2), f"{task.unit}_per_second": round(units / max(elapsed, 1e-9), 1),
                    "peak_gpu_memory_gib": peak, **final_eval}  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))

@@ -203,7 +203,10 @@ class TextTask:
             scores=batch.get("scores"),
         )
 
-    def tokens_in(self, batch: dict[str, Tensor]) -> int:
+    unit = "tokens"  # what count_units counts, for the throughput report
+
+    def count_units(self, batch: dict[str, Tensor]) -> int:
+        """Real (non-pad) tokens: every row has one position 0 (its first token); pads sit at 0 too."""
         return int((batch["position_ids"] > 0).sum()) + batch["position_ids"].shape[0]
 
     def save(self, model: nn.Module, out_dir: Path) -> None:

@@ -1,0 +1,29 @@
+"""Datasets: local files in, validated rows and cached prompt embeddings out (DESIGN §7)."""
+
+from mmpref.data.text import (
+    PAIRED_COLUMNS,
+    UNPAIRED_COLUMNS,
+    BadRow,
+    DataError,
+    TextDataset,
+    detect_format,
+    load_rows,
+    prepare_text_dataset,
+    prompt_embeddings,
+    prompt_text,
+    validate_rows,
+)
+
+__all__ = [
+    "PAIRED_COLUMNS",
+    "UNPAIRED_COLUMNS",
+    "BadRow",
+    "DataError",
+    "TextDataset",
+    "detect_format",
+    "load_rows",
+    "prepare_text_dataset",
+    "prompt_embeddings",
+    "prompt_text",
+    "validate_rows",
+]

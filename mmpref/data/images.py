@@ -1,0 +1,344 @@
+"""Image preference data (Pick-a-Pic format), the training transform and CLIP embeddings (DESIGN §5, §7).
+
+Rows hold ``caption``, ``jpg_0``, ``jpg_1`` and ``label_0``:
+
+* images are raw bytes, ``{"bytes": ..., "path": ...}`` dicts (the ``datasets`` Image feature), or file
+  paths, relative to the dataset file's folder (or absolute);
+* ``label_0`` is 1 (``jpg_0`` preferred), 0 (``jpg_1`` preferred) or 0.5 (a tie: dropped and counted,
+  not an error, as in Diffusion-DPO).
+
+Bad rows (missing columns or values, empty caption, an image that is missing or does not decode, two
+identical images, ``label_0`` outside {0, 0.5, 1}) are reported with their 0-based row number, and stop the
+run or are skipped with a logged count (``on_bad_rows``), exactly like text data (:mod:`mmpref.data.text`).
+
+Transform (diffusers' Diffusion-DPO scripts): the rejected image is first resized to the chosen image's
+size, then both are resized together so the shorter side is ``resolution`` (bilinear), cropped to a square
+(center crop, or one random crop shared by the pair), and scaled to [-1, 1]. SDXL's micro-conditioning
+takes the chosen image's original (h, w) and the crop's top-left corner.
+
+Random flips: the pair is flipped together. With cached latents both orientations are encoded once
+(twice the cache, no VAE call during training) and a flip picks the mirrored latents; a random crop is
+drawn once per row when the cache is built (seeded), so with caching it is fixed per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmpref.data.text import MAX_LISTED, BadRow, DataError, load_rows
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+LABELS = (0, 0.5, 1)
+ImageRef = bytes | Path
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """One usable row: ``row`` is its 0-based number in the source, images are bytes or file paths."""
+
+    row: int
+    caption: str
+    chosen: ImageRef
+    rejected: ImageRef
+    digest: str  # sha256 of caption and both images' bytes, in chosen/rejected order
+
+
+@dataclass
+class ImageDataset:
+    pairs: list[ImagePair]
+    skipped: int  # bad rows dropped with on_bad_rows=skip
+    ties: int  # label_0 == 0.5 rows, dropped by design
+    source: Path
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def read_image_bytes(ref: ImageRef) -> bytes:
+    return ref if isinstance(ref, bytes) else Path(ref).read_bytes()
+
+
+def load_image(ref: ImageRef) -> Image.Image:
+    """Decode an image reference to RGB."""
+    with Image.open(io.BytesIO(read_image_bytes(ref))) as img:
+        return img.convert("RGB")
+
+
+def _resolve(value: Any, base: Path) -> tuple[ImageRef | None, str | None]:
+    """(reference, problem) of one image cell."""
+    if value is None:
+        return None, "missing"
+    if isinstance(value, dict):  # datasets' Image feature
+        if value.get("bytes"):
+            return bytes(value["bytes"]), None
+        value = value.get("path")
+        if not value:
+            return None, "missing"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return (bytes(value), None) if len(value) else (None, "empty bytes")
+    if isinstance(value, str):
+        if not value.strip():
+            return None, "missing"
+        path = Path(value) if Path(value).is_absolute() else base / value
+        return (path, None) if path.is_file() else (None, f"no such file {path}")
+    return None, f"must be bytes or a file path, got {type(value).__name__}"
+
+
+def _decode_problem(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.width < 1 or img.height < 1:
+                return "has no pixels"
+    except Exception as exc:  # PIL raises many types for corrupt data
+        return f"does not decode as an image ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _label_problem(label: Any) -> str | None:
+    if label is None:
+        return "missing 'label_0'"
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
+        return f"'label_0' must be 1, 0 or 0.5, got {label!r}"
+    if label not in LABELS:
+        return f"'label_0' must be 1, 0 or 0.5, got {label!r}"
+    return None
+
+
+def prepare_image_dataset(path: str | Path, *, on_bad_rows: str = "error") -> ImageDataset:
+    """Load Pick-a-Pic-style rows, validate every one, order each pair as (chosen, rejected).
+
+    Every image is decoded once here, so a corrupt file stops the run before step 0 (or is skipped).
+    """
+    if on_bad_rows not in ("error", "skip"):
+        raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
+    source = Path(path)
+    ds = load_rows(source)
+    missing = [c for c in IMAGE_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{source}: missing columns {', '.join(missing)} (found: {', '.join(ds.column_names) or 'none'}); "
+            "image preference data needs caption, jpg_0, jpg_1 (bytes or file paths) and label_0 (1, 0 or 0.5)"
+        )
+    if ds.num_rows == 0:
+        raise DataError(f"{source}: no rows")
+    base = source.parent if source.is_file() else source
+    cols = ds.select_columns(list(IMAGE_COLUMNS)).to_dict()
+    pairs, bad, ties = [], [], 0
+    for i in range(ds.num_rows):
+        reasons = []
+        caption = cols["caption"][i]
+        if caption is None:
+            reasons.append("missing 'caption'")
+        elif not isinstance(caption, str):
+            reasons.append(f"'caption' must be a string, got {type(caption).__name__}")
+        elif not caption.strip():
+            reasons.append("empty 'caption'")
+        label = cols["label_0"][i]
+        if problem := _label_problem(label):
+            reasons.append(problem)
+        refs, blobs = [], []
+        for name in ("jpg_0", "jpg_1"):
+            data = None
+            ref, problem = _resolve(cols[name][i], base)
+            if problem is None:
+                try:
+                    data = read_image_bytes(ref)
+                except OSError as exc:
+                    data, problem = None, f"unreadable ({exc})"
+                if data is not None:
+                    problem = _decode_problem(data)
+            if problem:
+                reasons.append(f"{name!r} {problem}")
+            refs.append(ref)
+            blobs.append(data if problem is None else None)
+        if not reasons and blobs[0] == blobs[1]:
+            reasons.append("'jpg_0' and 'jpg_1' are the same image")
+        if reasons:
+            bad.append(BadRow(i, "; ".join(reasons)))
+            continue
+        if label == 0.5:
+            ties += 1
+            continue
+        order = (0, 1) if label == 1 else (1, 0)
+        h = hashlib.sha256(caption.encode())
+        for k in order:
+            h.update(hashlib.sha256(blobs[k]).digest())
+        pairs.append(ImagePair(i, caption, refs[order[0]], refs[order[1]], h.hexdigest()))
+
+    if bad and on_bad_rows == "error":
+        listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED])
+        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise DataError(
+            f"{source}: {len(bad)} of {ds.num_rows} rows are bad (0-based row numbers):\n{listed}{more}\n"
+            "Fix them, or set `on_bad_rows: skip` to train without them."
+        )
+    if bad:
+        logger.warning("%s: skipped %d of %d bad rows (on_bad_rows=skip); first: %s", source, len(bad),
+                       ds.num_rows, "; ".join(str(b) for b in bad[:3]))  # fmt: skip
+    if ties:
+        logger.info("%s: dropped %d tied rows (label_0 = 0.5)", source, ties)
+    if not pairs:
+        raise DataError(f"{source}: no usable pairs ({len(bad)} bad rows, {ties} ties)")
+    return ImageDataset(pairs=pairs, skipped=len(bad), ties=ties, source=source)
+
+
+# --------------------------------------------------------------------------------------- transform
+
+
+@dataclass
+class PairPixels:
+    pixels: torch.Tensor  # (2, 3, R, R) in [-1, 1]: chosen, rejected
+    original_size: tuple[int, int]  # (h, w) of the chosen image
+    crop_top_left: tuple[int, int]  # (top, left) in the resized image
+
+
+def pair_pixels(
+    pair: ImagePair,
+    resolution: int,
+    *,
+    center_crop: bool = True,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> PairPixels:
+    """The training transform of one pair (module docstring): joint resize, crop, optional flip."""
+    chosen, rejected = load_image(pair.chosen), load_image(pair.rejected)
+    w0, h0 = chosen.size
+    if rejected.size != chosen.size:
+        rejected = rejected.resize((w0, h0), Image.BILINEAR)
+    scale = resolution / min(w0, h0)
+    w, h = max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))
+    if center_crop:
+        top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
+    else:
+        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+    box = (left, top, left + resolution, top + resolution)
+    arrays = [
+        np.asarray(im.resize((w, h), Image.BILINEAR).crop(box), dtype=np.float32) for im in (chosen, rejected)
+    ]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    if flip:
+        pixels = pixels.flip(-1)
+    return PairPixels(pixels.contiguous(), (h0, w0), (top, left))
+
+
+# ---------------------------------------------------------------------------------- CLIP embeddings
+
+EMBEDDING_MODES = ("text", "image", "image+text")
+
+
+def load_open_clip(model: str, weights: str | None = None, device: str | torch.device = "cpu"):
+    """``(model, preprocess, tokenizer)`` of an open_clip model, never downloading.
+
+    ``model`` is a ``local-dir:`` folder (open_clip's layout, as :func:`mmpref.testing.make_tiny_clip`
+    writes), a plain folder path (read the same way), or an open_clip architecture name together with
+    ``weights``, a local checkpoint file.
+    """
+    import open_clip
+
+    if model.startswith("local-dir:") or Path(model).is_dir():
+        folder = Path(model.removeprefix("local-dir:"))
+        if not (folder / "open_clip_config.json").is_file():
+            raise DataError(f"rpo.clip_model: {folder} is not an open_clip folder (no open_clip_config.json)")
+        name, pretrained = f"local-dir:{folder}", None
+    else:
+        if weights is None or not Path(weights).is_file():
+            raise DataError(
+                f"rpo.clip_weights: the open_clip model {model!r} needs a local checkpoint file "
+                f"(got {weights!r}); mmpref never downloads weights"
+            )
+        name, pretrained = model, str(weights)
+    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    return clip.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def _identity(path: str | None) -> Any:
+    if path is None:
+        return None
+    p = Path(path.removeprefix("local-dir:"))
+    if p.is_dir():
+        return [str(p.resolve()), sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                                         for f in p.rglob("*") if f.is_file())]  # fmt: skip
+    if p.is_file():
+        return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+    return path
+
+
+def clip_embeddings(
+    pairs: Sequence[ImagePair],
+    *,
+    model: str | None,
+    weights: str | None = None,
+    mode: str = "image+text",
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """L2-normalised (N, 2, D) CLIP embeddings, one per image (chosen, rejected), for Diffusion-RPO.
+
+    ``mode``: ``text`` (the caption's embedding, the same for both images), ``image`` (each image's), or
+    ``image+text`` (the normalised mean of the two normalised embeddings: the default, mmpref's reading of
+    Diffusion-RPO). Computed once and cached in ``cache_dir`` under a hash of the model, the mode and every
+    pair's content; a cache hit does not load CLIP.
+    """
+    if mode not in EMBEDDING_MODES:
+        raise ValueError(f"mode: must be one of {', '.join(EMBEDDING_MODES)}, got {mode!r}")
+    if model is None:
+        raise DataError(
+            "rpo.clip_model: Diffusion-RPO weights contrasts by CLIP similarity and needs an open_clip model: "
+            "a local-dir: folder, or an architecture name plus rpo.clip_weights (a local checkpoint); "
+            "or use rpo.mode=diagonal, which needs no embeddings"
+        )
+    from mmpref.data.text import _read_cache, _write_cache
+
+    cache_file = None
+    if cache_dir is not None:
+        key = json.dumps([_identity(model), _identity(weights), mode, [p.digest for p in pairs]])
+        cache_file = (
+            Path(cache_dir) / f"clip_embeddings_{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        )
+    emb = _read_cache(cache_file)
+    if emb is not None and emb.shape[0] == 2 * len(pairs):  # stored as (2N, D)
+        return emb.view(len(pairs), 2, -1)
+
+    clip, preprocess, tokenizer = load_open_clip(model, weights, device)
+    norm = torch.nn.functional.normalize
+    with torch.no_grad():
+        text = image = None
+        if mode != "image":
+            captions = list(dict.fromkeys(p.caption for p in pairs))
+            parts = [clip.encode_text(tokenizer(captions[i : i + batch_size]).to(device)).float()
+                     for i in range(0, len(captions), batch_size)]  # fmt: skip
+            where = {c: k for k, c in enumerate(captions)}
+            per_caption = norm(torch.cat(parts), dim=-1)
+            text = per_caption[torch.tensor([where[p.caption] for p in pairs])][:, None].expand(-1, 2, -1)
+        if mode != "text":
+            refs = [r for p in pairs for r in (p.chosen, p.rejected)]
+            parts = []
+            for i in range(0, len(refs), batch_size):
+                batch = torch.stack([preprocess(load_image(r)) for r in refs[i : i + batch_size]]).to(device)
+                parts.append(clip.encode_image(batch).float())
+            image = norm(torch.cat(parts), dim=-1).view(len(pairs), 2, -1)
+    emb = text if image is None else image if text is None else norm((text + image) / 2, dim=-1)
+    emb = emb.cpu().contiguous()
+    if cache_file is not None:
+        _write_cache(cache_file, emb.reshape(len(pairs) * 2, -1).contiguous())
+    return emb

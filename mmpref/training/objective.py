@@ -24,6 +24,8 @@ class Rows:
     labels: (B,) bool for unpaired rows: True = desirable.
     scores: (B, 2) reward-model scores (chosen, rejected) for odpo / rdpo.
     row_index: (B,) dataset row of each batch row, to name rows in errors.
+    metrics: extra detached scalars the adapter wants logged (e.g. diffusion's raw squared errors);
+        merged into the loss metrics, never gathered across processes.
     """
 
     logratios: Tensor
@@ -33,6 +35,7 @@ class Rows:
     embeddings: Tensor | None = None
     labels: Tensor | None = None
     scores: Tensor | None = None
+    metrics: dict[str, Tensor] | None = None
 
 
 def gather_rows(rows: Rows, accelerator) -> Rows:
@@ -47,8 +50,8 @@ def gather_rows(rows: Rows, accelerator) -> Rows:
     gathered = {}
     for f in fields(rows):
         value = getattr(rows, f.name)
-        if value is None:
-            gathered[f.name] = None
+        if not isinstance(value, Tensor):  # None, or the local metrics dict
+            gathered[f.name] = value
             continue
         parts = [torch.empty_like(value) for _ in range(accelerator.num_processes)]
         torch.distributed.all_gather(parts, value.detach().contiguous())
@@ -109,6 +112,8 @@ def preference_loss(loss_cfg: LossConfig, rpo_cfg: RPOConfig, rows: Rows) -> Pre
                              "loss.type=rpo and rpo.mode=unpaired")  # fmt: skip
         out = dpo_loss(lw, ll, loss_type=base, **kwargs)
 
+    if rows.metrics:
+        out.metrics.update(rows.metrics)
     if loss_cfg.sft_weight and pw is not None and pw.numel():
         nll = -(pw / nw).mean() if nw is not None else -pw.mean()
         out.metrics["sft/nll"] = nll.detach()

@@ -1,0 +1,362 @@
+"""Diffusion preference training (Diffusion-DPO, Diffusion-RPO) of SD 1.5 / SDXL UNets for the one loop.
+
+:class:`DiffusionTask` has the interface of :class:`~mmpref.training.text_task.TextTask`: it owns the UNet,
+the frozen VAE / text encoder(s) / reference, and the image data, and turns a batch into
+:class:`~mmpref.training.objective.Rows` of ℓ (DESIGN §1, §5; formulas in :mod:`mmpref.adapters.diffusion`).
+
+Choices, all documented here because Diffusion-RPO has no public reference code:
+
+* **β**: ℓ = −½(err_θ − err_ref), so ``loss.beta: 5000`` is the original Diffusion-DPO code's β
+  (the diffusers example's ``beta_dpo: 2500`` folds the ½ in; it equals 5000 here).
+* **Model kind**: SDXL when the folder has ``text_encoder_2`` or the UNet's ``addition_embed_type`` is
+  ``text_time``; otherwise SD 1.5-style (one CLIP text encoder, last hidden state).
+* **Reference**: a frozen copy of the UNet, or with ``lora:`` the same UNet with its adapters disabled
+  (LoRA through diffusers' peft integration, ``unet.add_adapter``, on ``to_q, to_k, to_v, to_out.0``
+  unless ``lora.target_modules`` names others). ``precompute_ref`` does not apply: the noise and timestep
+  differ at every step, so the reference runs every step (one no-grad forward).
+* **Cache** (``diffusion.cache_latents: true``, default): VAE latents (posterior *mean* × scaling factor,
+  the same function the uncached path uses, so caching only adds float16 rounding) and text-encoder outputs,
+  plus the empty caption's, are computed once per dataset and model into
+  ``<dataset folder>/.mmpref_cache/latents-<hash>`` (see :mod:`mmpref.data.latent_cache`); training then
+  never calls the VAE encoder or a text encoder. Uncached, both run every step (diffusers' example).
+* **Prompt dropout**: per pair (both images), with probability ``diffusion.prompt_dropout``, drawn from
+  torch's global RNG in ``collate_train`` (stored in checkpoints, so resume is exact); cached or not, the
+  draws are the same, and so are the batches.
+* **Noise**: training draws ε and t from the global RNG; evaluation uses one fixed seed per dataset row,
+  so the eval metrics of different steps (and runs) see the same noise.
+* **Diffusion-RPO**: one CLIP embedding per image (``rpo.embedding``: text | image | image+text, the
+  normalised mean of the two normalised embeddings by default), from open_clip (``rpo.clip_model``, a
+  ``local-dir:`` folder or an architecture name with ``rpo.clip_weights``), computed once per dataset and
+  cached beside it; they go into ``Rows.embeddings`` as (B, 2, D), so chosen image i is weighted against
+  rejected image j by their own similarity.
+* **Saving**: ``final/unet`` is a diffusers ``UNet2DConditionModel`` folder; with LoRA, ``final/`` holds
+  ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(final)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mmpref.adapters.diffusion import (
+    adapters_disabled,
+    diffusion_logratios,
+    encode_images,
+    encode_prompt_sd15,
+    encode_prompt_sdxl,
+    frozen_reference,
+    sdxl_time_ids,
+    tokenize_captions,
+)
+from mmpref.data.images import ImagePair, clip_embeddings, pair_pixels, prepare_image_dataset
+from mmpref.data.latent_cache import LatentCache, folder_fingerprint
+from mmpref.training.config import ConfigError, TrainConfig
+from mmpref.training.objective import Rows
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIXED = {"fp16": torch.float16, "bf16": torch.bfloat16}
+LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoraConfig's default, meant for LMs
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CACHE_VERSION = 1
+EVAL_SEED_STRIDE = 1_000_003
+
+
+class _ImageSplit:
+    """One split: its pairs, cache and RPO embeddings."""
+
+    def __init__(self, task: DiffusionTask, pairs: list[ImagePair], source: Path, name: str):
+        self.task, self.pairs, self.source, self.name = task, pairs, source, name
+        self.cache_dir = (source.parent if source.is_file() else source) / ".mmpref_cache"
+        self.cache: LatentCache | None = None
+        self.embeddings: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+class DiffusionTask:
+    """Diffusion-DPO / Diffusion-RPO on a SD 1.5 or SDXL pipeline folder (module docstring)."""
+
+    unit = "images"  # what count_units counts, for the throughput report
+
+    def __init__(self, cfg: TrainConfig, accelerator):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        self.cfg, self.accelerator = cfg, accelerator
+        root = Path(cfg.model)
+        if not (root / "model_index.json").is_file() or not (root / "unet").is_dir():
+            raise ConfigError(f"model: {root} is not a diffusers pipeline folder (model_index.json, unet/)")
+        dc = cfg.diffusion
+        if dc.ema_decay:
+            raise ConfigError("diffusion.ema_decay: EMA is not implemented yet; set it to 0")
+        device = accelerator.device
+        weight_dtype = MIXED.get(cfg.mixed_precision, DTYPES[cfg.torch_dtype])
+
+        self.unet = UNet2DConditionModel.from_pretrained(
+            root, subfolder="unet", torch_dtype=DTYPES[cfg.torch_dtype]
+        )
+        self.is_sdxl = (
+            root / "text_encoder_2"
+        ).is_dir() or self.unet.config.addition_embed_type == "text_time"
+        self.scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+        # fp32 VAE: the SDXL VAE overflows in fp16 (diffusers' scripts keep it fp32 too); cached, it is cheap
+        self.vae = (
+            AutoencoderKL.from_pretrained(root, subfolder="vae").requires_grad_(False).eval().to(device)
+        )
+        self.tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")]
+        self.text_encoders = [
+            CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=weight_dtype)
+        ]
+        if self.is_sdxl:
+            self.tokenizers.append(CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2"))
+            self.text_encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(
+                    root, subfolder="text_encoder_2", torch_dtype=weight_dtype
+                )
+            )
+        for enc in self.text_encoders:
+            enc.requires_grad_(False).eval().to(device)
+        self._fingerprint = folder_fingerprint(
+            *(root / sub for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+        )
+
+        if dc.attention == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError as e:
+                raise ConfigError(
+                    "diffusion.attention: xformers is not installed (pip install 'mmpref[xformers]'); "
+                    "use diffusion.attention=sdpa (PyTorch's fused attention, the default)"
+                ) from e
+            self.unet.enable_xformers_memory_efficient_attention()
+
+        # -- data
+        train = prepare_image_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows)
+        train_pairs, eval_pairs, eval_source = train.pairs, [], train.source
+        if cfg.eval_dataset:
+            evald = prepare_image_dataset(cfg.eval_dataset, on_bad_rows=cfg.on_bad_rows)
+            eval_pairs, eval_source = evald.pairs, evald.source
+        elif cfg.eval_split:
+            order = torch.randperm(
+                len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed)
+            ).tolist()
+            n_eval = max(1, int(len(train_pairs) * cfg.eval_split))
+            eval_pairs = [train_pairs[i] for i in order[:n_eval]]
+            train_pairs = [train_pairs[i] for i in sorted(order[n_eval:])]
+        self.train = _ImageSplit(self, train_pairs, train.source, "train")
+        self.eval = _ImageSplit(self, eval_pairs, eval_source, "eval") if eval_pairs else None
+        for split in (self.train, self.eval):
+            if split is None:
+                continue
+            if dc.cache_latents:
+                split.cache = self._build_cache(split)
+            if cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal":
+                split.embeddings = clip_embeddings(
+                    split.pairs, model=cfg.rpo.clip_model, weights=cfg.rpo.clip_weights, mode=cfg.rpo.embedding,
+                    cache_dir=split.cache_dir, device=device,
+                )  # fmt: skip
+        if dc.cache_latents:  # training never encodes: free the encoders
+            self.vae, self.text_encoders = None, []
+        self._empty: dict[str, Tensor] | None = None
+
+        # -- reference, memory savers, LoRA
+        self.reference: nn.Module | None = None
+        if cfg.lora is None:
+            self.reference = frozen_reference(self.unet).to(device, weight_dtype)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if cfg.lora is not None:
+            from peft import LoraConfig
+
+            lc = cfg.lora
+            targets = (
+                UNET_LORA_TARGETS if list(lc.target_modules) == LM_LORA_TARGETS else list(lc.target_modules)
+            )
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                             init_lora_weights="gaussian", target_modules=targets))  # fmt: skip
+            for p in self.unet.parameters():
+                if p.requires_grad:  # train the adapters in fp32, as diffusers' cast_training_params does
+                    p.data = p.data.float()
+        self.model = self.unet
+
+    # -- encoding (cache build, or every step without cache) -----------------------------------------
+    def _encode_text(self, captions: list[str]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            ids = [tokenize_captions(tok, captions) for tok in self.tokenizers]
+            if not self.is_sdxl:
+                return {"prompt_embeds": encode_prompt_sd15(self.text_encoders[0], ids[0]).float()}
+            embeds, pooled = encode_prompt_sdxl(self.text_encoders, ids)
+            return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
+
+    def _pixels(self, split: _ImageSplit, i: int, flip: bool = False, generator=None):
+        dc = self.cfg.diffusion
+        return pair_pixels(
+            split.pairs[i], dc.resolution, center_crop=dc.center_crop, flip=flip, generator=generator
+        )
+
+    def _crop_generator(self, split: _ImageSplit, i: int) -> torch.Generator | None:
+        """Cached random crops are drawn once per row, from a seed of the row's content."""
+        if self.cfg.diffusion.center_crop:
+            return None
+        return torch.Generator().manual_seed(int(split.pairs[i].digest[:12], 16) + self.cfg.seed)
+
+    def _encode_latents(self, pixels: Tensor) -> Tensor:
+        """(n, 2, 3, R, R) pixel pairs -> (n, 2, C, h, w) latents."""
+        lat = encode_images(self.vae, pixels.flatten(0, 1).to(self.accelerator.device)).float()
+        return lat.view(pixels.shape[0], 2, *lat.shape[1:])
+
+    def _build_cache(self, split: _ImageSplit) -> LatentCache:
+        dc = self.cfg.diffusion
+        key = json.dumps([CACHE_VERSION, self._fingerprint, dc.resolution, dc.center_crop, dc.random_flip,
+                          None if dc.center_crop else self.cfg.seed, [p.digest for p in split.pairs]])  # fmt: skip
+        folder = split.cache_dir / f"latents-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+        def encode(rows: list[int]) -> dict[str, Tensor]:
+            pp = [self._pixels(split, i, generator=self._crop_generator(split, i)) for i in rows]
+            pixels = torch.stack([p.pixels for p in pp])
+            lat = [self._encode_latents(pixels)]
+            if dc.random_flip:
+                lat.append(self._encode_latents(pixels.flip(-1)))
+            out = {
+                "latents": torch.stack(lat, dim=1),
+                **self._encode_text([split.pairs[i].caption for i in rows]),
+            }
+            if self.is_sdxl:
+                out["time_ids"] = torch.tensor(
+                    [[*p.original_size, *p.crop_top_left] for p in pp], dtype=torch.int32
+                )
+            return out
+
+        def extra() -> dict[str, Tensor]:
+            return {f"empty_{k}": v[0] for k, v in self._encode_text([""]).items()}
+
+        logger.info("building the latent cache of %d %s pairs in %s", len(split), split.name, folder)
+        return LatentCache.build(folder, len(split), encode, extra=extra, batch_size=self.cfg.eval_batch_size,
+                                 accelerator=self.accelerator)  # fmt: skip
+
+    # -- batches -----------------------------------------------------------------------------------
+    def _collate(self, split: _ImageSplit, indices: list[int], train: bool) -> dict[str, Tensor]:
+        dc, b = self.cfg.diffusion, len(indices)
+        # the same RNG draws cached or not, so both paths give the same batches
+        drop = (
+            torch.rand(b) < dc.prompt_dropout
+            if train and dc.prompt_dropout > 0
+            else torch.zeros(b, dtype=torch.bool)
+        )
+        flip = torch.rand(b) < 0.5 if train and dc.random_flip else torch.zeros(b, dtype=torch.bool)
+        batch: dict[str, Tensor] = {"row_index": torch.tensor([split.pairs[i].row for i in indices])}
+        if split.cache is not None:
+            got = split.cache.rows(indices)
+            lat = got["latents"].float()  # (b, F, 2, C, h, w)
+            batch["latents"] = lat[torch.arange(b), flip.long() if lat.shape[1] > 1 else 0]
+            for name in ("prompt_embeds", "pooled"):
+                if name in got:
+                    value = got[name].float()
+                    empty = split.cache.extra[f"empty_{name}"].float()
+                    batch[name] = torch.where(drop.view(-1, *[1] * (value.ndim - 1)), empty, value)
+            if "time_ids" in got:
+                batch["time_ids"] = got["time_ids"].float()
+        else:
+            pp = [self._pixels(split, i, flip=bool(f)) for i, f in zip(indices, flip)]
+            batch["pixels"] = torch.stack([p.pixels for p in pp])
+            captions = ["" if d else split.pairs[i].caption for i, d in zip(indices, drop)]
+            for k, tok in enumerate(self.tokenizers):
+                batch[f"input_ids_{k}"] = tokenize_captions(tok, captions)
+            if self.is_sdxl:
+                batch["time_ids"] = torch.tensor(
+                    [[*p.original_size, *p.crop_top_left] for p in pp], dtype=torch.float32
+                )
+        if self.is_sdxl:  # target size: the training resolution
+            batch["time_ids"] = sdxl_time_ids(batch["time_ids"][:, :2], batch["time_ids"][:, 2:4],
+                                              (dc.resolution, dc.resolution))  # fmt: skip
+        if split.embeddings is not None:
+            batch["embeddings"] = split.embeddings[indices]
+        if not train:  # fixed noise per row: comparable evaluations
+            batch["noise_seed"] = batch["row_index"] + EVAL_SEED_STRIDE * (self.cfg.seed + 1)
+        return batch
+
+    def collate_train(self, indices: list[int]) -> dict[str, Tensor]:
+        return self._collate(self.train, indices, train=True)
+
+    def collate_eval(self, indices: list[int]) -> dict[str, Tensor]:
+        return self._collate(self.eval, indices, train=False)
+
+    def _conditioning(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
+        """(latents (B, 2, C, h, w), encoder hidden states (B, S, D), SDXL added conditioning or None)."""
+        device = self.accelerator.device
+        if "latents" in batch:
+            latents, ehs, pooled = batch["latents"], batch["prompt_embeds"], batch.get("pooled")
+        else:
+            latents = self._encode_latents(batch["pixels"])
+            with torch.no_grad():
+                ids = [batch[f"input_ids_{k}"] for k in range(len(self.tokenizers))]
+                if self.is_sdxl:
+                    ehs, pooled = encode_prompt_sdxl(self.text_encoders, ids)
+                else:
+                    ehs, pooled = encode_prompt_sd15(self.text_encoders[0], ids[0]), None
+        dtype = self.unet.dtype
+        added = None
+        if self.is_sdxl:
+            added = {"text_embeds": pooled.to(device, dtype), "time_ids": batch["time_ids"].to(device, dtype)}
+        return latents.to(device, dtype), ehs.to(device, dtype), added
+
+    def rows(self, model: nn.Module, batch: dict[str, Tensor]) -> Rows:
+        latents, ehs, added = self._conditioning(batch)
+        reference = self.reference
+        if reference is None:
+            reference = adapters_disabled(self.accelerator.unwrap_model(model))
+        generator = None
+        if "noise_seed" in batch:
+            generator = [torch.Generator().manual_seed(int(s)) for s in batch["noise_seed"]]
+        out = diffusion_logratios(model, reference, latents[:, 0], latents[:, 1], ehs, self.scheduler,
+                                  added_cond_kwargs=added, generator=generator)  # fmt: skip
+        return Rows(
+            logratios=out.logratios,
+            row_index=batch["row_index"],
+            embeddings=batch.get("embeddings"),
+            metrics=_error_metrics(out.model_err, out.ref_err),
+        )
+
+    def count_units(self, batch: dict[str, Tensor]) -> int:
+        """Images (two per pair)."""
+        return 2 * int(batch["row_index"].shape[0])
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """Full UNet: ``out_dir/unet`` (a ``UNet2DConditionModel`` folder). LoRA: ``out_dir`` holds
+        ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir)``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.lora is not None:
+            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            pipeline = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
+            pipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+            kind = "lora"
+        else:
+            model.save_pretrained(out_dir / "unet", safe_serialization=True)
+            kind = "unet"
+        info = {"base_model": str(Path(self.cfg.model).resolve()), "kind": kind, "sdxl": self.is_sdxl}
+        (out_dir / "mmpref.json").write_text(json.dumps(info, indent=2))
+
+
+def _error_metrics(model_err: Tensor, ref_err: Tensor) -> dict[str, Tensor]:
+    """The raw squared errors, as the Diffusion-DPO code logs them (DESIGN §2)."""
+    m, r = model_err.detach(), ref_err.detach()
+    return {
+        "diffusion/model_mse": m.mean(),
+        "diffusion/ref_mse": r.mean(),
+        "diffusion/model_mse_chosen": m[:, 0].mean(),
+        "diffusion/model_mse_rejected": m[:, 1].mean(),
+        "diffusion/implicit_acc": ((m[:, 0] - r[:, 0]) < (m[:, 1] - r[:, 1])).float().mean(),
+    }

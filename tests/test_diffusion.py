@@ -1,0 +1,332 @@
+"""Diffusion-DPO / Diffusion-RPO: the adapter's ℓ, the data, the latent cache, training and saving."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from PIL import Image
+
+from mmpref.adapters.diffusion import (
+    diffusion_logratios,
+    frozen_reference,
+    sample_pair_noise,
+    sdxl_time_ids,
+)
+from mmpref.data import DataError
+from mmpref.data.image_task import make_image_style_task
+from mmpref.data.images import clip_embeddings, pair_pixels, prepare_image_dataset
+from mmpref.testing import make_tiny_clip, make_tiny_sd15, make_tiny_sdxl
+from mmpref.training import ConfigError, load_config, train
+from mmpref.training.config import LossConfig, RPOConfig
+from mmpref.training.diffusion_task import DiffusionTask
+from mmpref.training.objective import Rows, preference_loss
+
+
+def calibrate_vae(folder: Path) -> Path:
+    """The tiny VAE is random: SD's scaling factor leaves its latents at std ≈ 0.06, so nearly every
+    timestep drowns the image in noise. Set the factor that gives unit-variance latents, which is what
+    the factor is for on the real VAEs."""
+    cfg_file = folder / "vae" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["scaling_factor"] = 3.2
+    cfg_file.write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusion")
+    train_file, eval_file = make_image_style_task(root / "task", n_train=24, n_eval=8, seed=1)
+    return {
+        "sd15": calibrate_vae(make_tiny_sd15(root / "sd15", seed=0)),
+        "sdxl": calibrate_vae(make_tiny_sdxl(root / "sdxl", seed=0)),
+        "clip": make_tiny_clip(root / "clip", seed=0),
+        "train": train_file,
+        "eval": eval_file,
+    }
+
+
+def config(tiny, out: Path, *overrides: str, kind: str = "sd15"):
+    base = [f"model={tiny[kind]}", f"dataset={tiny['train']}", f"eval_dataset={tiny['eval']}", f"output_dir={out}",
+            "report_to=none", "diffusion.resolution=64", "loss.beta=5000", "max_steps=2", "batch_size=2",
+            "eval_batch_size=8", "learning_rate=1e-5", "log_every=1", "max_length=64", "max_prompt_length=32"]  # fmt: skip
+    return load_config(None, [*base, *overrides])
+
+
+def unet_and_scheduler(folder, prediction_type="epsilon"):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", prediction_type=prediction_type)
+    return unet, scheduler
+
+
+def perturbed(unet, seed=1, scale=0.02):
+    """A policy that differs from the reference, so ℓ ≠ 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return unet
+
+
+# ------------------------------------------------------------------------------------------- adapter
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_batched_logratios_equal_per_image_computation(tiny, prediction_type):
+    unet, scheduler = unet_and_scheduler(tiny["sd15"], prediction_type)
+    reference = frozen_reference(unet)
+    perturbed(unet)
+    g = torch.Generator().manual_seed(0)
+    b = 3
+    lw, ll = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
+    ehs = torch.randn(b, 77, 32, generator=g)
+    noise, t = sample_pair_noise(lw, 1000, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = diffusion_logratios(unet, reference, lw, ll, ehs, scheduler, noise=noise, timesteps=t)
+
+        def err(model, x0, i):
+            noisy = scheduler.add_noise(x0[i : i + 1], noise[i : i + 1], t[i : i + 1])
+            pred = model(noisy, t[i : i + 1], encoder_hidden_states=ehs[i : i + 1]).sample
+            target = noise[i : i + 1] if prediction_type == "epsilon" else scheduler.get_velocity(
+                x0[i : i + 1], noise[i : i + 1], t[i : i + 1])  # fmt: skip
+            return F.mse_loss(pred, target).item()
+
+        slow = torch.tensor(
+            [[-0.5 * (err(unet, x, i) - err(reference, x, i)) for x in (lw, ll)] for i in range(b)]
+        )
+        model_err = torch.tensor([[err(unet, x, i) for x in (lw, ll)] for i in range(b)])
+    torch.testing.assert_close(out.model_err, model_err, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logratios, slow, atol=1e-6, rtol=1e-3)
+    assert out.logratios.abs().min() > 0
+
+
+def test_noise_and_timestep_are_shared_within_each_pair(tiny):
+    unet, scheduler = unet_and_scheduler(tiny["sd15"])
+    seen = []
+
+    def spy(sample, t, encoder_hidden_states):
+        seen.append((sample, t))
+        return unet(sample, t, encoder_hidden_states=encoder_hidden_states)
+
+    g = torch.Generator().manual_seed(0)
+    b = 4
+    lw, ll = torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        diffusion_logratios(spy, spy, lw, ll, torch.randn(b, 77, 32, generator=g), scheduler, generator=g)
+    (noisy, t), (noisy_ref, t_ref) = seen
+    assert torch.equal(t[:b], t[b:]) and torch.equal(t, t_ref) and torch.equal(noisy, noisy_ref)
+    assert len(set(t[:b].tolist())) > 1  # drawn per pair, not once per batch
+    a = scheduler.alphas_cumprod[t[:b]].view(-1, 1, 1, 1)
+    eps_w, eps_l = (noisy[:b] - a.sqrt() * lw) / (1 - a).sqrt(), (noisy[b:] - a.sqrt() * ll) / (1 - a).sqrt()
+    torch.testing.assert_close(eps_w, eps_l, atol=1e-4, rtol=1e-4)
+
+
+def test_sdxl_time_ids_for_a_non_square_image(tmp_path):
+    assert sdxl_time_ids([(480, 640)], [(0, 80)], (512, 512)).tolist() == [[480, 640, 0, 80, 512, 512]]
+    for k, color in enumerate(("red", "blue")):
+        Image.new("RGB", (80, 48), color).save(tmp_path / f"{k}.png")  # 80 wide, 48 high
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"caption": "x", "jpg_0": "0.png", "jpg_1": "1.png", "label_0": 0})
+    )
+    pair = prepare_image_dataset(tmp_path / "d.jsonl").pairs[0]
+    pp = pair_pixels(pair, 32)
+    assert pp.pixels.shape == (2, 3, 32, 32) and pp.pixels.min() >= -1 and pp.pixels.max() <= 1
+    # shorter side 48 -> 32, width 80 -> 53, centre crop starts at column round(10.5) = 10
+    assert pp.original_size == (48, 80) and pp.crop_top_left == (0, 10)
+    ids = sdxl_time_ids([pp.original_size], [pp.crop_top_left], (32, 32))
+    assert ids.tolist() == [[48, 80, 0, 10, 32, 32]]
+    assert pp.pixels[0, 2].mean() > 0.9  # label_0 = 0: jpg_1 (blue) is the chosen image
+
+
+def test_reference_equal_to_policy_gives_log2_and_a_gradient(tiny):
+    unet, scheduler = unet_and_scheduler(tiny["sd15"])
+    g = torch.Generator().manual_seed(0)
+    lw, ll = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    out = diffusion_logratios(unet, frozen_reference(unet), lw, ll, torch.randn(2, 77, 32, generator=g), scheduler,
+                              generator=g)  # fmt: skip
+    assert torch.equal(out.logratios, torch.zeros(2, 2))
+    loss = preference_loss(LossConfig(beta=5000), RPOConfig(), Rows(out.logratios, torch.arange(2))).loss
+    assert loss.item() == pytest.approx(math.log(2))
+    loss.backward()
+    grad = sum(p.grad.abs().sum() for p in unet.parameters() if p.grad is not None)
+    assert grad > 0
+
+
+def test_diffusion_dpo_value_matches_the_published_formula():
+    g = torch.Generator().manual_seed(0)
+    m_w, m_l, r_w, r_l = (torch.rand(5, generator=g) * 0.01 + 0.1 for _ in range(4))
+    beta = 5000.0
+    lw, ll = -0.5 * (m_w - r_w), -0.5 * (m_l - r_l)
+    out = preference_loss(LossConfig(beta=beta), RPOConfig(), Rows(torch.stack([lw, ll], 1), torch.arange(5)))
+    published = -F.logsigmoid(-0.5 * beta * ((m_w - m_l) - (r_w - r_l))).mean()
+    torch.testing.assert_close(out.loss, published)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_bad_rows_are_reported_by_row_number_and_ties_counted(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "b.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = [
+        {"caption": "ok", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1},
+        {"caption": " ", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1},
+        {"caption": "tie", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 0.5},
+        {"caption": "broken", "jpg_0": "broken.png", "jpg_1": "b.png", "label_0": 0},
+        {"caption": "missing", "jpg_0": "nope.png", "jpg_1": "b.png", "label_0": 0},
+        {"caption": "label", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 2},
+        {"caption": "same", "jpg_0": "a.png", "jpg_1": "a.png", "label_0": 0},
+        {"caption": "ok too", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 0},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as e:
+        prepare_image_dataset(path)
+    msg = str(e.value)
+    for expected in ("row 1: empty 'caption'", "row 3: 'jpg_0' does not decode", "row 4: 'jpg_0' no such file",
+                     "row 5: 'label_0' must be 1, 0 or 0.5", "row 6: 'jpg_0' and 'jpg_1' are the same image"):  # fmt: skip
+        assert expected in msg
+    assert "5 of 8 rows are bad" in msg
+    ds = prepare_image_dataset(path, on_bad_rows="skip")
+    assert (ds.skipped, ds.ties, [p.row for p in ds.pairs]) == (5, 1, [0, 7])
+    assert ds.pairs[1].chosen == tmp_path / "b.png"  # label_0 = 0: jpg_1 is chosen
+    (tmp_path / "cols.jsonl").write_text(json.dumps({"caption": "x", "jpg_0": "a.png"}) + "\n")
+    with pytest.raises(DataError, match="missing columns jpg_1, label_0"):
+        prepare_image_dataset(tmp_path / "cols.jsonl")
+
+
+def test_images_as_bytes_in_parquet(tmp_path):
+    import io
+
+    import datasets
+
+    blobs = []
+    for color in ("red", "blue"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    ds = datasets.Dataset.from_dict(
+        {"caption": ["c"], "jpg_0": [blobs[0]], "jpg_1": [blobs[1]], "label_0": [1.0]}
+    )
+    ds.to_parquet(tmp_path / "d.parquet")
+    pairs = prepare_image_dataset(tmp_path / "d.parquet").pairs
+    assert pairs[0].chosen == blobs[0] and pairs[0].rejected == blobs[1]
+
+
+# ----------------------------------------------------------------------------------------- the cache
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_cached_and_uncached_logratios_agree(tiny, tmp_path, kind):
+    acc = Accelerator(cpu=True)
+    tasks = [DiffusionTask(config(tiny, tmp_path / c, f"diffusion.cache_latents={c}", kind=kind), acc)
+             for c in ("true", "false")]  # fmt: skip
+    assert tasks[0].is_sdxl == (kind == "sdxl")
+    assert tasks[0].vae is None and tasks[0].text_encoders == []  # freed: the cache holds everything
+    logratios = []
+    for task in tasks:
+        perturbed(task.model)
+        torch.manual_seed(3)  # the same prompt-dropout draws and noise
+        batch = task.collate_train([0, 1, 2, 3])
+        with torch.no_grad():
+            logratios.append(task.rows(task.model, batch).logratios)
+    assert logratios[0].abs().min() > 0
+    torch.testing.assert_close(logratios[0], logratios[1], atol=2e-4, rtol=2e-2)
+
+
+def test_training_with_the_cache_never_encodes(tiny, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    train(config(tiny, tmp_path / "first"))  # builds the cache beside the dataset
+    cache_dir = Path(tiny["train"]).parent / ".mmpref_cache"
+    assert any(cache_dir.glob("latents-*/index.json"))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an encoder ran during training with cache_latents")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", forbidden)
+    monkeypatch.setattr(CLIPTextModel, "forward", forbidden)
+    final = train(config(tiny, tmp_path / "second", "diffusion.prompt_dropout=0.5"))
+    assert (final / "unet" / "config.json").is_file()
+
+
+def test_xformers_missing_is_a_config_error(tiny, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import xformers  # noqa: F401
+
+        pytest.skip("xformers is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="diffusion.attention: xformers is not installed"):
+        DiffusionTask(config(tiny, tmp_path, "diffusion.attention=xformers"), Accelerator(cpu=True))
+
+
+# -------------------------------------------------------------------------------------- RPO, saving
+
+
+def test_rpo_uses_cached_clip_embeddings_per_image(tiny, tmp_path, monkeypatch):
+    ds = prepare_image_dataset(tiny["eval"])
+    cache = tmp_path / "emb"
+    emb = clip_embeddings(ds.pairs, model=f"local-dir:{tiny['clip']}", mode="image+text", cache_dir=cache)
+    assert emb.shape == (len(ds), 2, 32)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(ds), 2))
+    assert not torch.allclose(emb[:, 0], emb[:, 1])  # one embedding per image
+    text = clip_embeddings(ds.pairs, model=f"local-dir:{tiny['clip']}", mode="text")
+    assert torch.equal(text[:, 0], text[:, 1])
+    import mmpref.data.images as images
+
+    monkeypatch.setattr(images, "load_open_clip", lambda *a, **k: pytest.fail("cache miss"))
+    torch.testing.assert_close(
+        clip_embeddings(ds.pairs, model=f"local-dir:{tiny['clip']}", mode="image+text", cache_dir=cache), emb
+    )
+    monkeypatch.undo()
+    cfg = config(tiny, tmp_path / "run", "loss.type=rpo", f"rpo.clip_model=local-dir:{tiny['clip']}")
+    task = DiffusionTask(cfg, Accelerator(cpu=True))
+    batch = task.collate_train([0, 1, 2])
+    rows = task.rows(task.model, batch)
+    assert rows.embeddings.shape == (3, 2, 32)
+    assert torch.isfinite(preference_loss(cfg.loss, cfg.rpo, rows).loss)
+    with pytest.raises(DataError, match="rpo.clip_model"):
+        DiffusionTask(config(tiny, tmp_path / "r2", "loss.type=rpo"), Accelerator(cpu=True))
+
+
+def _generate(pipe):
+    return pipe("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
+                output_type="np", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+
+def test_saved_unet_and_lora_load_into_a_pipeline(tiny, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    final = train(config(tiny, tmp_path / "full", "learning_rate=1e-3"))
+    unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["sd15"], unet=unet, safety_checker=None)
+    image = _generate(pipe)
+    assert image.shape == (1, 64, 64, 3) and image.std() > 0
+
+    final = train(config(tiny, tmp_path / "lora", "lora.r=4", "lora.alpha=4", "learning_rate=1e-2"))
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["sd15"], safety_checker=None)
+    base = _generate(pipe)
+    pipe.load_lora_weights(final)
+    assert "default_0" in pipe.unet.peft_config or len(pipe.unet.peft_config) == 1
+    adapted = _generate(pipe)
+    assert adapted.shape == base.shape and not torch.allclose(torch.tensor(adapted), torch.tensor(base))
+
+
+def test_sdxl_lora_trains_and_loads(tiny, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    final = train(config(tiny, tmp_path / "xl", "lora.r=4", "learning_rate=1e-2", kind="sdxl"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny["sdxl"])
+    pipe.load_lora_weights(final)
+    assert _generate(pipe).shape == (1, 64, 64, 3)

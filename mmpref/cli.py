@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
+
+    from mmpref.metrics.report import add_style_commands
+
+    add_style_commands(sub)
+    from mmpref.rdpo.cli import add_rdpo_commands
+
+    add_rdpo_commands(sub)
     return parser
 
 

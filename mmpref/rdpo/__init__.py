@@ -1,0 +1,35 @@
+"""Refined DPO (rDPO, Gallego 2024, arXiv 2402.08005): synthetic self-critique data, reward scoring, evaluation.
+
+The loss itself is ``loss.type: rdpo`` of the training loop (p = σ((s_w − s_l)/τ_r) from the
+``score_chosen`` / ``score_rejected`` columns this package writes). Here live the three commands
+around it: ``mmpref synth`` (:func:`run_synth`), ``mmpref score`` (:func:`run_score`) and
+``mmpref eval-reward`` (:func:`run_eval_reward`).
+
+Names are imported on first use, so ``mmpref --help`` does not pay for transformers/datasets.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EvalRewardConfig": "config",
+    "ScoreConfig": "config",
+    "SynthConfig": "config",
+    "load_rdpo_config": "config",
+    "RULES": "reward",
+    "load_reward": "reward",
+    "run_eval_reward": "reward",
+    "run_score": "reward",
+    "win_rate": "reward",
+    "run_synth": "synth",
+    "make_tiny_reward_model": "testing",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mmpref.rdpo.{_EXPORTS[name]}"), name)

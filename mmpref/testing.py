@@ -246,11 +246,16 @@ def _clip_text_config(tokenizer: CLIPTokenizer, hidden: int = 32, projection_dim
     )
 
 
-def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
+def _tiny_vae() -> AutoencoderKL:
+    """A random 8x-downsampling VAE whose ``scaling_factor`` is calibrated (see :func:`_calibrated_scale`).
+
+    SD's own factors (0.18215, 0.13025) make the *real* VAEs' latents unit-variance; on a random VAE they
+    would leave latents at std ≈ 0.06, drowning the image in noise at nearly every timestep.
+    """
     from diffusers import AutoencoderKL
 
     # Four blocks -> 8x spatial downsampling, like the real SD VAEs (pipelines use 2 ** (len(blocks) - 1)).
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -260,8 +265,30 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
         layers_per_block=1,
         norm_num_groups=32,
         sample_size=64,
-        scaling_factor=scaling_factor,
     )
+    vae.register_to_config(scaling_factor=_calibrated_scale(vae))
+    return vae
+
+
+def _calibrated_scale(vae: AutoencoderKL, n: int = 8, size: int = 64) -> float:
+    """1 / std of the posterior-mean latents of ``n`` fixed scenes of :mod:`mmpref.data.image_task`
+    (plain and styled), rounded to 3 significant digits: what SD's factor does for its trained VAEs.
+    A pure function of the VAE's weights, so the same seed still writes the same folder."""
+    import random
+
+    import numpy as np
+
+    from mmpref.data.image_task import _scene, draw_scene
+
+    rng = random.Random(0)
+    images = []
+    for k in range(n):
+        _, scene = _scene(rng, size)
+        images.append(np.asarray(draw_scene(scene, size, styled=k % 2 == 1, rng=rng), dtype=np.float32))
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        std = vae.encode(pixels).latent_dist.mean.std().item()
+    return float(f"{1 / std:.3g}")
 
 
 _SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -293,7 +320,7 @@ def make_tiny_sd15(out_dir: str | Path, seed: int = 0, prediction_type: str = "e
                 cross_attention_dim=32,
                 attention_head_dim=8,
             ),
-            vae=_tiny_vae(scaling_factor=0.18215),
+            vae=_tiny_vae(),
             text_encoder=CLIPTextModel(_clip_text_config(tokenizer)),
         )
 
@@ -342,7 +369,7 @@ def make_tiny_sdxl(out_dir: str | Path, seed: int = 0, prediction_type: str = "e
                 addition_time_embed_dim=time_dim,
                 projection_class_embeddings_input_dim=6 * time_dim + proj_dim,
             ),
-            vae=_tiny_vae(scaling_factor=0.13025),
+            vae=_tiny_vae(),
             text_encoder=CLIPTextModel(_clip_text_config(tokenizer)),
             text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=proj_dim)),
         )

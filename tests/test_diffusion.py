@@ -26,24 +26,13 @@ from mmpref.training.diffusion_task import DiffusionTask
 from mmpref.training.objective import Rows, preference_loss
 
 
-def calibrate_vae(folder: Path) -> Path:
-    """The tiny VAE is random: SD's scaling factor leaves its latents at std ≈ 0.06, so nearly every
-    timestep drowns the image in noise. Set the factor that gives unit-variance latents, which is what
-    the factor is for on the real VAEs."""
-    cfg_file = folder / "vae" / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["scaling_factor"] = 3.2
-    cfg_file.write_text(json.dumps(cfg))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusion")
     train_file, eval_file = make_image_style_task(root / "task", n_train=24, n_eval=8, seed=1)
     return {
-        "sd15": calibrate_vae(make_tiny_sd15(root / "sd15", seed=0)),
-        "sdxl": calibrate_vae(make_tiny_sdxl(root / "sdxl", seed=0)),
+        "sd15": make_tiny_sd15(root / "sd15", seed=0),
+        "sdxl": make_tiny_sdxl(root / "sdxl", seed=0),
         "clip": make_tiny_clip(root / "clip", seed=0),
         "train": train_file,
         "eval": eval_file,
@@ -330,3 +319,49 @@ def test_sdxl_lora_trains_and_loads(tiny, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny["sdxl"])
     pipe.load_lora_weights(final)
     assert _generate(pipe).shape == (1, 64, 64, 3)
+
+
+# ---------------------------------------------------------------------------------------- learning
+
+
+def test_tiny_vae_latents_have_unit_scale(tiny):
+    """make_tiny_* calibrate the random VAE's scaling factor (SD's 0.18215 would give std ≈ 0.06)."""
+    from diffusers import AutoencoderKL
+
+    from mmpref.adapters.diffusion import encode_images
+
+    vae = AutoencoderKL.from_pretrained(tiny["sd15"], subfolder="vae")
+    pixels = torch.stack([pair_pixels(p, 64).pixels for p in prepare_image_dataset(tiny["train"]).pairs[:8]])
+    std = encode_images(vae, pixels.flatten(0, 1)).std().item()
+    assert 0.7 < std < 1.4
+    again = make_tiny_sd15(Path(tiny["sd15"]).parent / "sd15-again", seed=0)  # same seed, same folder
+    for name in ("vae/config.json", "vae/diffusion_pytorch_model.safetensors"):
+        assert (again / name).read_bytes() == (Path(tiny["sd15"]) / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def style_task(tmp_path_factory):
+    """The bundled style task at full size (160 train, 48 held-out pairs), written afresh."""
+    return make_image_style_task(tmp_path_factory.mktemp("style"), n_train=160, n_eval=48, seed=0)
+
+
+# Measured on 2 CPU cores with these settings: held-out accuracy 0.50 before; after 80 steps 0.69 (DPO) in a
+# manual run on data/image_style, but only 0.58 (DPO) and 0.56 (RPO) here: the signal is real but not yet
+# robust to run-to-run variation, and 80 steps of batch 16 take ~1-2 min per loss on 2 shared cores.
+LEARNING_RUN = ["batch_size=16", "learning_rate=3e-4", "loss.beta=100", "max_steps=80", "eval_every=0",
+                "eval_batch_size=48", "diffusion.eval_noise_draws=4", "log_every=20"]  # fmt: skip
+LEARNED_ACCURACY = 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.skip(reason="learning on the tiny random SD 1.5 is not yet robust enough to assert (see above)")
+@pytest.mark.parametrize("loss", ["sigmoid", "rpo"])
+def test_preference_training_learns_the_style_on_held_out_pairs(tiny, style_task, tmp_path, loss):
+    train_file, eval_file = style_task
+    extra = ["loss.type=rpo", f"rpo.clip_model=local-dir:{tiny['clip']}"] if loss == "rpo" else []
+    cfg = config(tiny, tmp_path, f"dataset={train_file}", f"eval_dataset={eval_file}", *LEARNING_RUN, *extra)
+    train(cfg)
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    acc = [r["eval/rewards/accuracies"] for r in evals if "eval/rewards/accuracies" in r]
+    assert acc[0] == 0.5  # policy = reference: every margin is 0
+    assert acc[-1] >= LEARNED_ACCURACY, acc

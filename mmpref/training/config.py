@@ -66,6 +66,7 @@ class DiffusionConfig:
     cache_latents: bool = True  # VAE latents and text-encoder outputs computed once, not per step
     attention: str = "sdpa"  # sdpa | xformers
     ema_decay: float = 0.0  # 0: no EMA of the trained weights
+    eval_noise_draws: int = 1  # evaluation: ℓ of each pair averaged over this many fixed (ε, t) draws
 
 
 @dataclass
@@ -125,7 +126,8 @@ CHOICES = {
 }
 POSITIVE = ("loss.beta", "rpo.temperature", "max_steps", "batch_size", "eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "max_length", "max_prompt_length",
-            "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution")  # fmt: skip
+            "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution",
+            "diffusion.eval_noise_draws")  # fmt: skip
 NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "loss.sft_weight", "eval_every", "save_every",
                 "log_every", "loss.gamma")  # fmt: skip
 

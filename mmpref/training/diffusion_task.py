@@ -22,8 +22,11 @@ Choices, all documented here because Diffusion-RPO has no public reference code:
 * **Prompt dropout**: per pair (both images), with probability ``diffusion.prompt_dropout``, drawn from
   torch's global RNG in ``collate_train`` (stored in checkpoints, so resume is exact); cached or not, the
   draws are the same, and so are the batches.
-* **Noise**: training draws ε and t from the global RNG; evaluation uses one fixed seed per dataset row,
-  so the eval metrics of different steps (and runs) see the same noise.
+* **Noise**: training draws ε and t from the global RNG; evaluation uses fixed seeds per dataset row,
+  so the eval metrics of different steps (and runs) see the same noise. One (ε, t) draw makes the eval
+  accuracy of a small set noisy: ``diffusion.eval_noise_draws: K`` averages each pair's ℓ over K fixed
+  draws (K forwards of policy and reference per eval batch), an estimate of the expectation over t and ε
+  that Diffusion-DPO's objective is defined with.
 * **Diffusion-RPO**: one CLIP embedding per image (``rpo.embedding``: text | image | image+text, the
   normalised mean of the two normalised embeddings by default), from open_clip (``rpo.clip_model``, a
   ``local-dir:`` folder or an architecture name with ``rpo.clip_weights``), computed once per dataset and
@@ -65,6 +68,7 @@ LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoraConfig's defau
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CACHE_VERSION = 1
 EVAL_SEED_STRIDE = 1_000_003
+EVAL_DRAW_STRIDE = 2**40  # seed offset of each further evaluation draw of a row (beyond any row seed)
 
 
 class _ImageSplit:
@@ -313,16 +317,26 @@ class DiffusionTask:
         reference = self.reference
         if reference is None:
             reference = adapters_disabled(self.accelerator.unwrap_model(model))
-        generator = None
-        if "noise_seed" in batch:
-            generator = [torch.Generator().manual_seed(int(s)) for s in batch["noise_seed"]]
-        out = diffusion_logratios(model, reference, latents[:, 0], latents[:, 1], ehs, self.scheduler,
-                                  added_cond_kwargs=added, generator=generator)  # fmt: skip
+        if "noise_seed" not in batch:  # training: one draw from the global RNG
+            out = diffusion_logratios(model, reference, latents[:, 0], latents[:, 1], ehs, self.scheduler,
+                                      added_cond_kwargs=added)  # fmt: skip
+            logratios, model_err, ref_err = out.logratios, out.model_err, out.ref_err
+        else:  # evaluation: the mean over `eval_noise_draws` fixed draws per row
+            draws = []
+            for k in range(self.cfg.diffusion.eval_noise_draws):
+                generator = [
+                    torch.Generator().manual_seed(int(s) + k * EVAL_DRAW_STRIDE) for s in batch["noise_seed"]
+                ]
+                draws.append(diffusion_logratios(model, reference, latents[:, 0], latents[:, 1], ehs, self.scheduler,
+                                                 added_cond_kwargs=added, generator=generator))  # fmt: skip
+            logratios = torch.stack([d.logratios for d in draws]).mean(0)
+            model_err = torch.stack([d.model_err for d in draws]).mean(0)
+            ref_err = torch.stack([d.ref_err for d in draws]).mean(0)
         return Rows(
-            logratios=out.logratios,
+            logratios=logratios,
             row_index=batch["row_index"],
             embeddings=batch.get("embeddings"),
-            metrics=_error_metrics(out.model_err, out.ref_err),
+            metrics=_error_metrics(model_err, ref_err),
         )
 
     def count_units(self, batch: dict[str, Tensor]) -> int:

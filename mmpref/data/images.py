@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmpref.data.text import MAX_LISTED, BadRow, DataError, load_rows
+from mmpref.data.text import BadRow, DataError, bad_rows_error, load_rows
 
 logger = logging.getLogger(__name__)
 
@@ -184,12 +184,7 @@ def prepare_image_dataset(path: str | Path, *, on_bad_rows: str = "error") -> Im
         pairs.append(ImagePair(i, caption, refs[order[0]], refs[order[1]], h.hexdigest()))
 
     if bad and on_bad_rows == "error":
-        listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED])
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise DataError(
-            f"{source}: {len(bad)} of {ds.num_rows} rows are bad (0-based row numbers):\n{listed}{more}\n"
-            "Fix them, or set `on_bad_rows: skip` to train without them."
-        )
+        raise bad_rows_error(source, bad, ds.num_rows)
     if bad:
         logger.warning("%s: skipped %d of %d bad rows (on_bad_rows=skip); first: %s", source, len(bad),
                        ds.num_rows, "; ".join(str(b) for b in bad[:3]))  # fmt: skip

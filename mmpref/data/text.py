@@ -251,6 +251,16 @@ def _normalise(value: str | list[dict[str, str]]) -> Any:
     return [(m["role"], m["content"].strip()) for m in value]
 
 
+def bad_rows_error(source: Path, bad: list[BadRow], total: int) -> DataError:
+    """One message listing the first bad rows, their count, and how to go on without them."""
+    listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED])
+    more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    return DataError(
+        f"{source}: {len(bad)} of {total} rows are bad (0-based row numbers):\n{listed}{more}\n"
+        "Fix them, or set `on_bad_rows: skip` to train without them."
+    )
+
+
 def prepare_text_dataset(path: str | Path, *, on_bad_rows: str = "error") -> TextDataset:
     """Load, detect the format and validate: the one call a trainer makes before step 0.
 
@@ -266,12 +276,7 @@ def prepare_text_dataset(path: str | Path, *, on_bad_rows: str = "error") -> Tex
         raise DataError(f"{source}: no rows")
     bad = validate_rows(ds, fmt)
     if bad and on_bad_rows == "error":
-        listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED])
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise DataError(
-            f"{source}: {len(bad)} of {ds.num_rows} rows are bad (0-based row numbers):\n{listed}{more}\n"
-            "Fix them, or set `on_bad_rows: skip` to train without them."
-        )
+        raise bad_rows_error(source, bad, ds.num_rows)
     if bad:
         drop = {b.row for b in bad}
         ds = ds.select([i for i in range(ds.num_rows) if i not in drop])

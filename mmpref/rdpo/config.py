@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mmpref.training.config import ConfigError, _build, parse_override
+from mmpref.training.config import ConfigError, _build, apply_overrides
 
 SECTIONS = ("synth", "score", "eval")
 PROMPT_FORMATS = ("chat", "text")
@@ -127,16 +127,7 @@ def read_section(path: str | Path | None, section: str, overrides: list[str] = (
             data = data[section] or {}
             if not isinstance(data, dict):
                 raise ConfigError(f"{section}: must be a mapping of keys")
-    data = dict(data)
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
-        node[keys[-1]] = value
-    return data
+    return apply_overrides(dict(data), overrides)
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

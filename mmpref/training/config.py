@@ -217,6 +217,19 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``dotted.key=value`` in the nested mapping ``data`` (in place) and return it."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
 ) -> TrainConfig:
@@ -229,15 +242,7 @@ def load_config(
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a mapping of keys")
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
-        node[keys[-1]] = value
-    return validate(_build(TrainConfig, data))
+    return validate(_build(TrainConfig, apply_overrides(data, overrides)))
 
 
 def to_dict(cfg: TrainConfig) -> dict:

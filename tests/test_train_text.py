@@ -140,6 +140,7 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert "max_steps: expected int" in capsys.readouterr().err
     assert main(["train", str(cfg), "loss.beta=-1"]) == 2
     assert "loss.beta: must be > 0" in capsys.readouterr().err
+    assert load_config(cfg, ["mixed_precision=no"]).mixed_precision == "no"  # not YAML's False
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["train", str(cfg), f"model={tmp_path / 'nope'}"]) == 2

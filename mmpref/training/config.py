@@ -157,6 +157,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads `no` / `yes` as booleans
+        return "yes" if value else "no"
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -294,6 +294,18 @@ def _calibrated_scale(vae: AutoencoderKL, n: int = 8, size: int = 64) -> float:
 _SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
+# The UNet layout both tiny SD sets share: 4x8x8 latents, two resolution levels, one cross-attention level.
+_TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+
 def make_tiny_sd15(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny Stable Diffusion 1.5 pipeline folder: 64x64 px images, 4x8x8 latents.
 
@@ -310,13 +322,7 @@ def make_tiny_sd15(out_dir: str | Path, seed: int = 0, prediction_type: str = "e
     def build():
         return dict(
             unet=UNet2DConditionModel(
-                sample_size=8,
-                in_channels=4,
-                out_channels=4,
-                block_out_channels=(32, 64),
-                layers_per_block=1,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                **_TINY_UNET,
                 cross_attention_dim=32,
                 attention_head_dim=8,
             ),
@@ -355,13 +361,7 @@ def make_tiny_sdxl(out_dir: str | Path, seed: int = 0, prediction_type: str = "e
     def build():
         return dict(
             unet=UNet2DConditionModel(
-                sample_size=8,
-                in_channels=4,
-                out_channels=4,
-                block_out_channels=(32, 64),
-                layers_per_block=1,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                **_TINY_UNET,
                 cross_attention_dim=32 + 32,
                 attention_head_dim=(2, 4),
                 use_linear_projection=True,

@@ -27,7 +27,11 @@ def test_bundled_task_is_learned(config, tmp_path_factory):
          "report_to=none"],
     )  # fmt: skip
     train(cfg)
-    evals = [m for m in map(json.loads, (root / "run" / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in m]
+    evals = [
+        m
+        for m in map(json.loads, (root / "run" / "metrics.jsonl").read_text().splitlines())
+        if "eval/loss" in m
+    ]
     before, after = evals[0]["eval/rewards/accuracies"], evals[-1]["eval/rewards/accuracies"]
     assert before == pytest.approx(0.5)  # policy == reference: every pair ties
     assert after >= THRESHOLD, f"{config}: held-out reward accuracy {after:.2f} after 150 steps"

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmpref.training.config import ConfigError, _build, apply_overrides
+from mmpref.training.config import ConfigError, _build, apply_overrides, read_yaml
 
 SECTIONS = ("synth", "score", "eval")
 PROMPT_FORMATS = ("chat", "text")
@@ -112,12 +110,7 @@ def read_section(path: str | Path | None, section: str, overrides: list[str] = (
     """The mapping for one command: the file's ``section:`` if it has sections, else the whole file."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: no such file {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of keys")
+        data = read_yaml(path)
         if any(k in SECTIONS for k in data):
             unknown = sorted(set(data) - set(SECTIONS))
             if unknown:

@@ -232,18 +232,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None
-) -> TrainConfig:
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file's top-level mapping (empty file: {}), or a ConfigError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of keys")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML config, apply ``dotted.key=value`` overrides (values parsed as YAML), validate."""
-    data: dict = dict(base or {})
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: no such file {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of keys")
+    data = read_yaml(path) if path is not None else {}
     return validate(_build(TrainConfig, apply_overrides(data, overrides)))
 
 

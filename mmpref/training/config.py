@@ -106,6 +106,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the start and the end only
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip the optimizer step
+    max_skipped_steps: int = 10  # nonfinite: skip stops the run once more steps than this were skipped
     report_to: str = "tensorboard"  # tensorboard | none
     trust_remote_code: bool = False
 
@@ -122,6 +124,7 @@ CHOICES = {
     "torch_dtype": ("float32", "bfloat16", "float16"),
     "truncation_mode": ("keep_end", "keep_start"),
     "on_bad_rows": ("error", "skip"),
+    "nonfinite": ("stop", "skip"),
     "report_to": ("tensorboard", "none"),
 }
 POSITIVE = ("loss.beta", "rpo.temperature", "max_steps", "batch_size", "eval_batch_size",
@@ -129,7 +132,7 @@ POSITIVE = ("loss.beta", "rpo.temperature", "max_steps", "batch_size", "eval_bat
             "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution",
             "diffusion.eval_noise_draws")  # fmt: skip
 NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "loss.sft_weight", "eval_every", "save_every",
-                "log_every", "loss.gamma")  # fmt: skip
+                "log_every", "loss.gamma", "max_skipped_steps")  # fmt: skip
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

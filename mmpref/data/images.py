@@ -3,7 +3,10 @@
 Rows hold ``caption``, ``jpg_0``, ``jpg_1`` and ``label_0``:
 
 * images are raw bytes, ``{"bytes": ..., "path": ...}`` dicts (the ``datasets`` Image feature), or file
-  paths, relative to the dataset file's folder (or absolute);
+  paths, relative to the dataset file's folder (or absolute). A path must stay inside that folder once
+  resolved (``..`` and symbolic links followed): a dataset cannot make mmpref read ``/etc/passwd``;
+* an image may have at most :data:`MAX_IMAGE_PIXELS` pixels, checked from its header before decoding,
+  so a tiny file that claims a huge size (a decompression bomb) is a bad row, not an exhausted memory;
 * ``label_0`` is 1 (``jpg_0`` preferred), 0 (``jpg_1`` preferred) or 0.5 (a tie: dropped and counted,
   not an error, as in Diffusion-DPO).
 
@@ -27,7 +30,7 @@ import hashlib
 import io
 import json
 import logging
-import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +40,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmpref.data.text import BadRow, DataError, bad_rows_error, load_rows
+from mmpref.data.text import BadRow, DataError, _text_problem, bad_rows_error, load_rows
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 LABELS = (0, 0.5, 1)
+MAX_IMAGE_PIXELS = 64 * 2**20  # 8192 x 8192: far above any training resolution, ~200 MB decoded as RGB
 ImageRef = bytes | Path
 
 
@@ -82,12 +86,12 @@ def load_image(ref: ImageRef) -> Image.Image:
 
 
 def _resolve(value: Any, base: Path) -> tuple[ImageRef | None, str | None]:
-    """(reference, problem) of one image cell."""
+    """(reference, problem) of one image cell; file paths must resolve to a file inside ``base``."""
     if value is None:
         return None, "missing"
     if isinstance(value, dict):  # datasets' Image feature
         if value.get("bytes"):
-            return bytes(value["bytes"]), None
+            return _resolve(value["bytes"], base)
         value = value.get("path")
         if not value:
             return None, "missing"
@@ -96,17 +100,35 @@ def _resolve(value: Any, base: Path) -> tuple[ImageRef | None, str | None]:
     if isinstance(value, str):
         if not value.strip():
             return None, "missing"
-        path = Path(value) if Path(value).is_absolute() else base / value
+        if "\x00" in value:
+            return None, "path holds a NUL character"
+        root = base.resolve()
+        try:
+            path = (root / value).resolve()  # an absolute value replaces root; symlinks are followed
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, an unencodable name
+            return None, f"path {value!r} does not resolve ({exc})"
+        if not path.is_relative_to(root):
+            return None, (
+                f"path {value!r} points outside the dataset folder {root}; image paths must stay "
+                "inside the folder of the dataset file (copy the images there, or store them as bytes)"
+            )
         return (path, None) if path.is_file() else (None, f"no such file {path}")
     return None, f"must be bytes or a file path, got {type(value).__name__}"
 
 
 def _decode_problem(data: bytes) -> str | None:
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.width < 1 or img.height < 1:
-                return "has no pixels"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                if img.width < 1 or img.height < 1:
+                    return "has no pixels"
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    return (
+                        f"is {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed "
+                        "(a decompression bomb, or an image to downscale before training)"
+                    )
+                img.load()
     except Exception as exc:  # PIL raises many types for corrupt data
         return f"does not decode as an image ({type(exc).__name__}: {exc})"
     return None
@@ -115,11 +137,45 @@ def _decode_problem(data: bytes) -> str | None:
 def _label_problem(label: Any) -> str | None:
     if label is None:
         return "missing 'label_0'"
-    if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
-        return f"'label_0' must be 1, 0 or 0.5, got {label!r}"
-    if label not in LABELS:
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in LABELS:
         return f"'label_0' must be 1, 0 or 0.5, got {label!r}"
     return None
+
+
+def image_row_problems(
+    caption: Any, jpg_0: Any, jpg_1: Any, label: Any, base: Path
+) -> tuple[list[str], list[ImageRef | None], list[bytes | None]]:
+    """(problems, image references, image bytes) of one row; no problems means a usable row.
+
+    Total over any input: whatever the values, it returns reasons and never raises. Every image is
+    decoded here, so a corrupt file is a bad row before training, not a crash at step N.
+    """
+    reasons = []
+    if isinstance(caption, str) or caption is None:
+        if problem := _text_problem("caption", caption):
+            reasons.append(problem)
+    else:
+        reasons.append(f"'caption' must be a string, got {type(caption).__name__}")
+    if problem := _label_problem(label):
+        reasons.append(problem)
+    refs, blobs = [], []
+    for name, value in (("jpg_0", jpg_0), ("jpg_1", jpg_1)):
+        data = None
+        ref, problem = _resolve(value, base)
+        if problem is None:
+            try:
+                data = read_image_bytes(ref)
+            except OSError as exc:
+                data, problem = None, f"unreadable ({exc})"
+            if data is not None:
+                problem = _decode_problem(data) if data else "is an empty file"
+        if problem:
+            reasons.append(f"{name!r} {problem}")
+        refs.append(ref)
+        blobs.append(data if problem is None else None)
+    if not reasons and blobs[0] == blobs[1]:
+        reasons.append("'jpg_0' and 'jpg_1' are the same image")
+    return reasons, refs, blobs
 
 
 def prepare_image_dataset(path: str | Path, *, on_bad_rows: str = "error") -> ImageDataset:
@@ -143,34 +199,8 @@ def prepare_image_dataset(path: str | Path, *, on_bad_rows: str = "error") -> Im
     cols = ds.select_columns(list(IMAGE_COLUMNS)).to_dict()
     pairs, bad, ties = [], [], 0
     for i in range(ds.num_rows):
-        reasons = []
-        caption = cols["caption"][i]
-        if caption is None:
-            reasons.append("missing 'caption'")
-        elif not isinstance(caption, str):
-            reasons.append(f"'caption' must be a string, got {type(caption).__name__}")
-        elif not caption.strip():
-            reasons.append("empty 'caption'")
-        label = cols["label_0"][i]
-        if problem := _label_problem(label):
-            reasons.append(problem)
-        refs, blobs = [], []
-        for name in ("jpg_0", "jpg_1"):
-            data = None
-            ref, problem = _resolve(cols[name][i], base)
-            if problem is None:
-                try:
-                    data = read_image_bytes(ref)
-                except OSError as exc:
-                    data, problem = None, f"unreadable ({exc})"
-                if data is not None:
-                    problem = _decode_problem(data)
-            if problem:
-                reasons.append(f"{name!r} {problem}")
-            refs.append(ref)
-            blobs.append(data if problem is None else None)
-        if not reasons and blobs[0] == blobs[1]:
-            reasons.append("'jpg_0' and 'jpg_1' are the same image")
+        caption, label = cols["caption"][i], cols["label_0"][i]
+        reasons, refs, blobs = image_row_problems(caption, cols["jpg_0"][i], cols["jpg_1"][i], label, base)
         if reasons:
             bad.append(BadRow(i, "; ".join(reasons)))
             continue

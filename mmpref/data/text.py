@@ -9,6 +9,12 @@ Text fields are strings or chat messages (lists of ``{"role", "content"}`` dicts
 reported with their 0-based row number before any training starts; they are either an error or
 skipped with a logged count, never dropped silently. Row numbers are 0-based everywhere; JSON Lines
 parse errors name the 1-based line of the file, as editors do.
+
+Unicode: any valid text is accepted (emoji, right-to-left scripts, zero-width joiners inside words).
+Two things are not: a lone surrogate (``"\\ud800"`` in JSON; it is not a character and cannot be
+encoded as UTF-8, so no tokenizer can read it) and a text with nothing visible in it (only spaces,
+zero-width or other format/control characters), which counts as empty. ``chosen`` and ``rejected``
+that differ only in invisible characters or in Unicode normalisation (NFC) count as identical.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +122,14 @@ def _load_saved(path: Path) -> datasets.Dataset:
 
 def _load_json(path: Path) -> datasets.Dataset:
     """Parse with the stdlib (exact line numbers), then build columns from the union of all keys."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x}); save the file as UTF-8"
+        ) from exc
     if text.lstrip().startswith("["):  # a .json file holding one array of objects
         try:
             records = json.loads(text)
@@ -137,6 +152,10 @@ def _load_json(path: Path) -> datasets.Dataset:
     for n, record in numbered:
         if not isinstance(record, dict):
             raise DataError(f"{path}: {where} {n} is a JSON {type(record).__name__}, expected an object")
+    for n, record in numbered:  # Arrow cannot store a lone surrogate: name it before it fails
+        for key, value in record.items():
+            if (problem := _surrogate_problem(value)) is not None:
+                raise DataError(f"{path}: {where} {n}: {key!r} {problem}")
     keys = list(dict.fromkeys(k for _, r in numbered for k in r))
     columns = {k: [r.get(k) for _, r in numbered] for k in keys}
     try:
@@ -203,34 +222,78 @@ def validate_rows(ds: datasets.Dataset, fmt: str) -> list[BadRow]:
 
     bad = []
     for i in range(ds.num_rows):
-        reasons = [r for c in text_cols if (r := _text_problem(c, cols[c][i]))]
-        if fmt == "paired":
-            if not reasons and _normalise(cols["chosen"][i]) == _normalise(cols["rejected"][i]):
-                reasons.append("'chosen' and 'rejected' are identical")
-        else:
-            label = cols["label"][i]
-            if label is None:
-                reasons.append("missing 'label'")
-            elif not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
-                reasons.append(f"'label' must be a bool (or 0/1), got {label!r}")
-        for c in scores:
-            value = cols[c][i]
-            if value is None:
-                reasons.append(f"missing {c!r} (other rows have it)")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                reasons.append(f"{c!r} must be a number, got {value!r}")
-            elif not math.isfinite(value):
-                reasons.append(f"{c!r} is {value}")
+        reasons = row_problems({c: cols[c][i] for c in wanted}, fmt, scores)
         if reasons:
             bad.append(BadRow(i, "; ".join(reasons)))
     return bad
+
+
+def row_problems(row: dict[str, Any], fmt: str, score_columns: Sequence[str] = ()) -> list[str]:
+    """Every problem of one row (empty list: a good row); ``score_columns`` are checked when given.
+
+    Total over any input: whatever the values, it returns reasons and never raises.
+    """
+    text_cols = ("prompt", "chosen", "rejected") if fmt == "paired" else ("prompt", "completion")
+    reasons = [r for c in text_cols if (r := _text_problem(c, row.get(c)))]
+    if fmt == "paired":
+        if not reasons and _normalise(row["chosen"]) == _normalise(row["rejected"]):
+            reasons.append("'chosen' and 'rejected' are identical")
+    else:
+        label = row.get("label")
+        if label is None:
+            reasons.append("missing 'label'")
+        elif not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
+            reasons.append(f"'label' must be a bool (or 0/1), got {label!r}")
+    for c in score_columns:
+        value = row.get(c)
+        if value is None:
+            reasons.append(f"missing {c!r} (other rows have it)")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            reasons.append(f"{c!r} must be a number, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):  # ints are finite (and may exceed floats)
+            reasons.append(f"{c!r} is {value}")
+    return reasons
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Characters that render as nothing: C0/C1 controls (tab, newline and CR aside), soft hyphen, Mongolian
+# vowel separator, zero-width space/non-joiner/joiner, direction marks, embeddings and isolates, word
+# joiner, invisible operators, BOM. Emoji tag sequences (flags) and other format characters are kept.
+INVISIBLE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]"
+)
+
+
+def _surrogate_problem(value: Any) -> str | None:
+    """Where a string (or a chat message's content) holds a lone surrogate, which is not valid text."""
+    texts = [value] if isinstance(value, str) else []
+    if isinstance(value, list):
+        texts = [m.get("content") for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    for text in texts:
+        if found := LONE_SURROGATE.search(text):
+            return (
+                f"holds a lone surrogate U+{ord(found.group()):04X} at character {found.start()}, which is "
+                "not valid Unicode text; fix the source's encoding (write a surrogate pair as one character)"
+            )
+    return None
+
+
+def visible(text: str) -> str:
+    """``text`` in NFC, without :data:`INVISIBLE` characters and without whitespace at the ends.
+
+    A text whose visible form is empty counts as empty; two texts with the same visible form are the
+    same text. Regular expressions and ``str`` methods only: fast enough for every row of a big dataset.
+    """
+    return unicodedata.normalize("NFC", INVISIBLE.sub("", text)).strip()
 
 
 def _text_problem(name: str, value: Any) -> str | None:
     if value is None:
         return f"missing {name!r}"
     if isinstance(value, str):
-        return None if value.strip() else f"empty {name!r}"
+        if (problem := _surrogate_problem(value)) is not None:
+            return f"{name!r} {problem}"
+        return None if visible(value) else f"empty {name!r}"
     if isinstance(value, list):
         if not value:
             return f"empty {name!r}"
@@ -239,7 +302,9 @@ def _text_problem(name: str, value: Any) -> str | None:
                 return f"{name!r} message {k} needs a string 'role'"
             if not isinstance(msg.get("content"), str):
                 return f"{name!r} message {k} needs a string 'content'"
-        if not any(m["content"].strip() for m in value):
+        if (problem := _surrogate_problem(value)) is not None:
+            return f"{name!r} {problem}"
+        if not any(visible(m["content"]) for m in value):
             return f"empty {name!r}"
         return None
     return f"{name!r} must be a string or a list of chat messages, got {type(value).__name__}"
@@ -247,8 +312,8 @@ def _text_problem(name: str, value: Any) -> str | None:
 
 def _normalise(value: str | list[dict[str, str]]) -> Any:
     if isinstance(value, str):
-        return value.strip()
-    return [(m["role"], m["content"].strip()) for m in value]
+        return visible(value)
+    return [(m["role"], visible(m["content"])) for m in value]
 
 
 def bad_rows_error(source: Path, bad: list[BadRow], total: int) -> DataError:

@@ -19,7 +19,7 @@ from mmpref.losses import dpo_loss
 from mmpref.losses.pairwise import rdpo_loss
 from mmpref.rdpo import reward as reward_module
 from mmpref.rdpo.config import load_rdpo_config
-from mmpref.rdpo.jsonl import read_done
+from mmpref.rdpo.jsonl import partial_path, read_done
 from mmpref.rdpo.reward import load_reward, win_rate
 from mmpref.rdpo.synth import run_synth
 from mmpref.rdpo.testing import make_tiny_reward_model, warm_start_lm
@@ -135,14 +135,16 @@ def test_synth_rows_resume_and_drops(models, tmp_path, monkeypatch, capsys):
     with pytest.raises(Interrupted):
         main(["synth", str(cfg_path)])
     out, dropped = tmp_path / "synth.jsonl", tmp_path / "synth.dropped.jsonl"
-    assert [r["chosen"] for r in read_done(out)] == ["revised 0", "revised 1", "revised 3"]
-    assert [r["reason"] for r in read_done(dropped)] == ["empty revision"]
-    with open(out, "a") as f:  # a line torn by the interruption
+    assert not out.exists() and not dropped.exists()  # only a finished run writes under the final names
+    assert [r["chosen"] for r in read_done(partial_path(out))] == ["revised 0", "revised 1", "revised 3"]
+    assert [r["reason"] for r in read_done(partial_path(dropped))] == ["empty revision"]
+    with open(partial_path(out), "a") as f:  # a line torn by the interruption
         f.write('{"id": "torn", "prompt": [{"ro')
 
     stub = StubTeacher(monkeypatch, tokenizer, numbered_reply)
     assert main(["synth", str(cfg_path)]) == 0
     printed = capsys.readouterr().out
+    assert not partial_path(out).exists() and not partial_path(dropped).exists()
     rows, drops = read_done(out), read_done(dropped)
     assert [r["chosen"] for r in rows] == [f"revised {i}" for i in (0, 1, 3, 4, 6)]
     assert [r["rejected"] for r in rows] == [f"answer {i}" for i in (0, 1, 3, 4, 6)]

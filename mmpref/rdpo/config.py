@@ -78,6 +78,7 @@ class ScoreConfig:
     rule: RuleConfig = field(default_factory=RuleConfig)
     batch_size: int = 8
     max_length: int = 1024  # reward-model tokens per (prompt, response); the prompt's start is cut first
+    on_bad_rows: str = "error"  # error | skip: rows training would refuse (empty text, chosen == rejected)
     device: str = "auto"
     torch_dtype: str = "float32"
     trust_remote_code: bool = False
@@ -211,6 +212,7 @@ def validate_score(cfg: ScoreConfig) -> ScoreConfig:
     for key in ("batch_size", "max_length"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{key}: must be > 0, got {getattr(cfg, key)!r}")
+    _choice("on_bad_rows", cfg.on_bad_rows, ("error", "skip"))
     _common(cfg)
     return cfg
 

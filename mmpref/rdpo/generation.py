@@ -13,6 +13,7 @@ import torch
 
 from mmpref.data import DataError, load_rows
 from mmpref.rdpo.config import GenerationConfig
+from mmpref.training.config import custom_code_guard
 
 T = TypeVar("T")
 Messages = list[dict[str, str]]
@@ -53,7 +54,10 @@ def read_prompts(inline: Sequence[str], path: str | None) -> list[tuple[str | No
     if path:
         p = Path(path)
         if p.suffix.lower() == ".txt":
-            lines = p.read_text(encoding="utf-8").splitlines()
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
             found += [(None, line.strip()) for line in lines if line.strip()]
         else:
             ds = load_rows(p)
@@ -111,13 +115,14 @@ class Generator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with custom_code_guard(path):
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
+            )
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
-        )
         self.model.to(self.device).eval()
 
     @property

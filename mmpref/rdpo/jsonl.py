@@ -3,6 +3,11 @@
 An interruption can only cut the line being written; :func:`read_done` drops such a partial
 last line (truncating the file back to its last complete line) so a restart appends cleanly,
 and returns the rows already there so the caller skips their ids.
+
+Outputs are never half-written under their final name: :class:`PartialAppender` appends to
+``<name>.partial`` (a copy of the finished file, if there is one, plus the new rows) and renames
+it to ``<name>`` only when the run completes. A file named ``<name>`` is therefore always the
+output of a finished run; an interrupted run leaves ``<name>.partial``, which the next run resumes.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Any
 
@@ -79,3 +85,35 @@ class Appender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where an unfinished run of ``path`` keeps its rows."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def resume_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows done so far: those of an unfinished ``<path>.partial`` (it starts as a copy of ``path``),
+    else those of the finished ``path``."""
+    partial = partial_path(path)
+    return read_done(partial if partial.is_file() else path)
+
+
+class PartialAppender(Appender):
+    """An :class:`Appender` on ``<path>.partial``; :meth:`commit` renames it to ``path`` once complete."""
+
+    def __init__(self, path: str | Path):
+        self.final = Path(path)
+        super().__init__(partial_path(path))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._file is None and not self.path.exists() and self.final.is_file():
+            shutil.copyfile(self.final, self.path)  # new rows extend the finished output
+        super().write(row)
+
+    def commit(self) -> None:
+        """Close and move the rows into place (a no-op when nothing was written)."""
+        self.close()
+        if self.path.is_file():
+            os.replace(self.path, self.final)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmpref.data import DataError, load_rows, prompt_text
+from mmpref.data import DataError, load_rows, prompt_text, validate_rows
+from mmpref.data.text import bad_rows_error
 from mmpref.rdpo.config import RULE_PREFIX, EvalRewardConfig, RuleConfig, ScoreConfig
 from mmpref.rdpo.generation import (
     TORCH_DTYPES,
@@ -36,8 +37,8 @@ from mmpref.rdpo.generation import (
     resolve_device,
     text_id,
 )
-from mmpref.rdpo.jsonl import Appender, read_done
-from mmpref.training.config import ConfigError
+from mmpref.rdpo.jsonl import PartialAppender, read_done, resume_rows
+from mmpref.training.config import ConfigError, custom_code_guard
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +123,15 @@ class ModelReward:
 
         self.name, self.batch_size, self.max_length = path, batch_size, max_length
         self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with custom_code_guard(path):
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
+            )
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"  # over-long inputs lose the start of the prompt
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
-        )
         if self.model.config.num_labels != 1:
             raise ConfigError(
                 f"reward: {path} has num_labels={self.model.config.num_labels}; "
@@ -216,11 +218,17 @@ def default_score_output(input_path: str | Path) -> Path:
     return p.with_name(f"{p.stem if p.is_file() else p.name}.scored.jsonl")
 
 
-def _rows_with_ids(path: str) -> list[dict[str, Any]]:
+def _rows_with_ids(path: str, on_bad_rows: str = "error") -> list[dict[str, Any]]:
     ds = load_rows(path)
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in ds.column_names]
     if missing:
         raise DataError(f"{path}: score needs paired rows; missing columns {', '.join(missing)}")
+    bad = validate_rows(ds.select_columns(["prompt", "chosen", "rejected"]), "paired")
+    if bad and on_bad_rows == "error":  # rows training would refuse are not scored either
+        raise bad_rows_error(Path(path), bad, ds.num_rows)
+    if bad:
+        logger.warning("%s: not scoring %d bad rows (on_bad_rows=skip); first: %s", path, len(bad), bad[0])
+        ds = ds.select(sorted(set(range(ds.num_rows)) - {b.row for b in bad}))
     rows = ds.to_list()
     seen: set[str] = set()
     for i, row in enumerate(rows):
@@ -235,11 +243,12 @@ def _rows_with_ids(path: str) -> list[dict[str, Any]]:
 
 def run_score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreReport:
     """Add ``score_chosen`` / ``score_rejected`` to every row not yet in the output file."""
-    rows = _rows_with_ids(cfg.input)
+    rows = _rows_with_ids(cfg.input, cfg.on_bad_rows)
     output = Path(cfg.output) if cfg.output else default_score_output(cfg.input)
-    done = {str(r["id"]) for r in read_done(output)}
+    done = {str(r["id"]) for r in resume_rows(output)}
     todo = [r for r in rows if r["id"] not in done]
     scored = 0
+    out = PartialAppender(output)  # <output>.partial, renamed to output once every row is scored
     if todo:
         reward = load_reward(
             cfg.reward,
@@ -253,7 +262,7 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreReport:
         bar = tqdm(
             total=len(rows), initial=len(rows) - len(todo), desc="score", unit="row", disable=not progress
         )
-        with Appender(output) as out, bar:
+        with out, bar:
             for batch in chunks(todo, cfg.batch_size):
                 prompts = [r["prompt"] for r in batch]
                 values = reward.score(
@@ -264,6 +273,7 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True) -> ScoreReport:
                 bar.update(len(batch))
             scored = out.count
         reward.close()
+    out.commit()
     margins = [r["score_chosen"] - r["score_rejected"] for r in read_done(output)]
     return ScoreReport(
         output,

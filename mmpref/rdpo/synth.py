@@ -7,8 +7,9 @@ For each prompt the teacher, in one conversation (as in the rDPO authors' notebo
 3. is asked to revise it.
 
 The revision is ``chosen``, the first answer ``rejected``; the critique is kept in ``critique``.
-Rows go to a JSON Lines file with an ``id`` per prompt, one flushed+fsynced line at a time, so
-a rerun skips what is done. Rows whose answer or revision is empty, or whose revision equals
+Rows go to a JSON Lines file with an ``id`` per prompt, one flushed+fsynced line at a time, to
+``<output>.partial`` until every prompt is done, then renamed to ``output`` (see
+:mod:`mmpref.rdpo.jsonl`); a rerun skips what is done. Rows whose answer or revision is empty, or whose revision equals
 the answer, are reported and written to ``<stem>.dropped.jsonl`` with a ``reason`` instead.
 """
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from mmpref.data import DataError
 from mmpref.rdpo.config import SynthConfig
 from mmpref.rdpo.generation import Generator, Messages, Prompt, assign_ids, chunks, derive_seed, read_prompts
-from mmpref.rdpo.jsonl import Appender, done_ids
+from mmpref.rdpo.jsonl import PartialAppender, resume_rows
 
 STAGES = ("answer", "critique", "revision")
 
@@ -136,17 +137,20 @@ def run_synth(cfg: SynthConfig, *, progress: bool = True) -> SynthReport:
     """Generate every prompt not yet in ``cfg.output`` (or its dropped file); returns what happened."""
     prompts = teacher_prompts(cfg)
     output, dropped = Path(cfg.output), dropped_path_for(cfg.output)
-    done = done_ids(output, dropped)
+    done = {str(row["id"]) for path in (output, dropped) for row in resume_rows(path)}
     position = {p.id: i for i, p in enumerate(prompts)}
     todo = [p for p in prompts if p.id not in done]
     report = SynthReport(output, dropped, total=len(prompts), skipped=len(prompts) - len(todo), written=0)
-    if not todo:
+    kept, rejected = PartialAppender(output), PartialAppender(dropped)
+    if not todo:  # an earlier run wrote every row but stopped before renaming
+        kept.commit()
+        rejected.commit()
         return report
     teacher = Generator(
         cfg.teacher, device=cfg.device, torch_dtype=cfg.torch_dtype, trust_remote_code=cfg.trust_remote_code
     )
     bar = tqdm(total=len(prompts), initial=report.skipped, desc="synth", unit="prompt", disable=not progress)
-    with Appender(output) as kept, Appender(dropped) as rejected, bar:
+    with kept, rejected, bar:  # an exception closes the .partial files without renaming them
         for batch in chunks(todo, cfg.generation.batch_size):
             seed = derive_seed(cfg.generation.seed, position[batch[0].id])
             for row in synth_batch(teacher, batch, cfg, seed):
@@ -157,5 +161,7 @@ def run_synth(cfg: SynthConfig, *, progress: bool = True) -> SynthReport:
                     rejected.write({**row, "reason": reason})
                     report.dropped_ids.append(row["id"])
             bar.update(len(batch))
+    kept.commit()
+    rejected.commit()
     report.written = kept.count
     return report

@@ -7,8 +7,12 @@ Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` nam
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import tempfile
 import types
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,13 +157,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # ints are floats too; YAML reads 1e-6 (no dot) as a string
+            value = float(value)
+        except (ValueError, OverflowError):
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     if tp is str and isinstance(value, bool):  # YAML 1.1 reads `no` / `yes` as booleans
         return "yes" if value else "no"
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -212,14 +216,73 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"rpo.diagonal_weight: must be in [0, 1], got {cfg.rpo.diagonal_weight!r}")
     if cfg.max_prompt_length >= cfg.max_length:
         raise ConfigError("max_prompt_length: must be smaller than max_length")
+    if cfg.lora is not None:
+        for key in ("r", "alpha"):
+            if not getattr(cfg.lora, key) > 0:
+                raise ConfigError(f"lora.{key}: must be > 0, got {getattr(cfg.lora, key)!r}")
+        if not 0 <= cfg.lora.dropout < 1:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout!r}")
+        if not cfg.lora.target_modules:
+            raise ConfigError("lora.target_modules: needs at least one module name")
+    from transformers import SchedulerType
+
+    schedulers = [t.value for t in SchedulerType]
+    if cfg.lr_scheduler not in schedulers:
+        raise ConfigError(f"lr_scheduler: must be one of {', '.join(schedulers)}, got {cfg.lr_scheduler!r}")
     return cfg
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Before anything loads: the model and datasets exist and ``output_dir`` takes files.
+
+    A run that would fail on a path fails here, in a second, with the key to fix, and writes nothing.
+    """
+    if not Path(cfg.model).is_dir():
+        raise ConfigError(f"model: no model folder at {cfg.model} (mmpref loads local folders only)")
+    for key in ("dataset", "eval_dataset"):
+        value = getattr(cfg, key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"{key}: no such file or folder {value}")
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"output_dir: cannot write to {out} ({exc.strerror or exc}); choose a writable folder"
+        ) from exc
+
+
+@contextmanager
+def custom_code_guard(path: str | Path, key: str = "trust_remote_code"):
+    """Turn transformers' refusal to run a model folder's own Python code into a ConfigError.
+
+    ``trust_remote_code`` is false unless a config says otherwise: a folder whose ``config.json`` maps
+    its classes to bundled ``.py`` files (``auto_map``) then fails to load, and nothing of it runs.
+    """
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(
+            f"{key}: {path} contains custom code (auto_map in its config.json) and loading it would run that "
+            "code; read it first, then set trust_remote_code: true only if you trust it"
+        ) from exc
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"{item}: overrides take the form dotted.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"{key.strip()}: the value {raw!r} is not valid YAML ({exc.problem}); quote it"
+        ) from exc
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -240,7 +303,14 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: no such file {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config: {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of keys")
     return data

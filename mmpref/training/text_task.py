@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from mmpref.adapters.causal_lm import collate, response_logps, tokenize_row
 from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
-from mmpref.training.config import ConfigError, TrainConfig
+from mmpref.training.config import ConfigError, TrainConfig, custom_code_guard
 from mmpref.training.objective import Rows
 
 logger = logging.getLogger(__name__)
@@ -85,12 +85,13 @@ class TextTask:
         self.cfg, self.accelerator = cfg, accelerator
         if not Path(cfg.model).is_dir():
             raise ConfigError(f"model: no model folder at {cfg.model}")
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        with custom_code_guard(cfg.model):  # trust_remote_code is false unless the config says so
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                cfg.model, dtype=DTYPES[cfg.torch_dtype], trust_remote_code=cfg.trust_remote_code
+            )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype=DTYPES[cfg.torch_dtype], trust_remote_code=cfg.trust_remote_code
-        )
         self.reference_free = (cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type) == "simpo"
 
         train = prepare_text_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows)

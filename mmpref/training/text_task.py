@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from mmpref.adapters.causal_lm import collate, response_logps, tokenize_row
 from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
 from mmpref.training.config import ConfigError, TrainConfig, custom_code_guard
+from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ class TextTask:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.accelerator = cfg, accelerator
+        self.reference_free = (cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type) == "simpo"
+        frozen_copy = not self.reference_free and not cfg.precompute_ref and cfg.lora is None
+        check_scale_out(cfg, accelerator, frozen_reference=frozen_copy, text=True)
         if not Path(cfg.model).is_dir():
             raise ConfigError(f"model: no model folder at {cfg.model}")
         with custom_code_guard(cfg.model):  # trust_remote_code is false unless the config says so
@@ -92,7 +96,6 @@ class TextTask:
             )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.reference_free = (cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type) == "simpo"
 
         train = prepare_text_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows)
         train_rows = train.dataset.to_list()

@@ -19,10 +19,14 @@ Choices, all documented here because Diffusion-RPO has no public reference code:
   plus the empty caption's, are computed once per dataset and model into
   ``<dataset folder>/.mmpref_cache/latents-<hash>`` (see :mod:`mmpref.data.latent_cache`); training then
   never calls the VAE encoder or a text encoder. Uncached, both run every step (diffusers' example).
-* **Prompt dropout**: per pair (both images), with probability ``diffusion.prompt_dropout``, drawn from
-  torch's global RNG in ``collate_train`` (stored in checkpoints, so resume is exact); cached or not, the
-  draws are the same, and so are the batches.
-* **Noise**: training draws ε and t from the global RNG; evaluation uses fixed seeds per dataset row,
+* **Prompt dropout**: per pair (both images), with probability ``diffusion.prompt_dropout``; cached or not,
+  the draws are the same, and so are the batches.
+* **Training randomness per row**: ``collate_train`` takes one number from torch's global RNG per batch
+  (stored in checkpoints, so resume is exact) and derives from it and the dataset row one seed per pair,
+  which draws the pair's prompt dropout, flip, ε and t. So a pair's draws do not depend on the process or
+  batch slot it lands in, and N data-parallel processes compute the same losses and gradients as one
+  process on the same global batch (tested with two gloo processes).
+* **Noise**: evaluation uses fixed seeds per dataset row,
   so the eval metrics of different steps (and runs) see the same noise. One (ε, t) draw makes the eval
   accuracy of a small set noisy: ``diffusion.eval_noise_draws: K`` averages each pair's ℓ over K fixed
   draws (K forwards of policy and reference per eval batch), an estimate of the expectation over t and ε
@@ -59,6 +63,7 @@ from mmpref.adapters.diffusion import (
 from mmpref.data.images import ImagePair, clip_embeddings, pair_pixels, prepare_image_dataset
 from mmpref.data.latent_cache import LatentCache, folder_fingerprint
 from mmpref.training.config import ConfigError, TrainConfig
+from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
 
 logger = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoraConfig's defau
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CACHE_VERSION = 1
 EVAL_SEED_STRIDE = 1_000_003
+TRAIN_ROW_STRIDE = 1_000_003  # seed offset between rows of a training batch; +1 is a row's noise seed
 EVAL_DRAW_STRIDE = 2**40  # seed offset of each further evaluation draw of a row (beyond any row seed)
 
 
@@ -94,6 +100,7 @@ class DiffusionTask:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         self.cfg, self.accelerator = cfg, accelerator
+        check_scale_out(cfg, accelerator, frozen_reference=cfg.lora is None, text=False)
         root = Path(cfg.model)
         if not (root / "model_index.json").is_file() or not (root / "unet").is_dir():
             raise ConfigError(f"model: {root} is not a diffusers pipeline folder (model_index.json, unet/)")
@@ -249,14 +256,15 @@ class DiffusionTask:
     # -- batches -----------------------------------------------------------------------------------
     def _collate(self, split: _ImageSplit, indices: list[int], train: bool) -> dict[str, Tensor]:
         dc, b = self.cfg.diffusion, len(indices)
-        # the same RNG draws cached or not, so both paths give the same batches
-        drop = (
-            torch.rand(b) < dc.prompt_dropout
-            if train and dc.prompt_dropout > 0
-            else torch.zeros(b, dtype=torch.bool)
-        )
-        flip = torch.rand(b) < 0.5 if train and dc.random_flip else torch.zeros(b, dtype=torch.bool)
         batch: dict[str, Tensor] = {"row_index": torch.tensor([split.pairs[i].row for i in indices])}
+        drop, flip = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
+        if train:  # one global-RNG draw per batch, then per-row seeds (module docstring)
+            batch_seed = int(torch.randint(0, 2**62, (1,)))
+            batch["train_seed"] = (batch_seed + batch["row_index"] * TRAIN_ROW_STRIDE) % 2**62
+            draws = torch.stack([torch.rand(2, generator=torch.Generator().manual_seed(int(s)))
+                                 for s in batch["train_seed"]])  # fmt: skip
+            drop = draws[:, 0] < dc.prompt_dropout
+            flip = (draws[:, 1] < 0.5) & dc.random_flip
         if split.cache is not None:
             got = split.cache.rows(indices)
             lat = got["latents"].float()  # (b, F, 2, C, h, w)
@@ -317,9 +325,11 @@ class DiffusionTask:
         reference = self.reference
         if reference is None:
             reference = adapters_disabled(self.accelerator.unwrap_model(model))
-        if "noise_seed" not in batch:  # training: one draw from the global RNG
+        if "noise_seed" not in batch:  # training: each pair's own seed (module docstring), else the global RNG
+            seeds = batch.get("train_seed")
+            generator = None if seeds is None else [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
             out = diffusion_logratios(model, reference, latents[:, 0], latents[:, 1], ehs, self.scheduler,
-                                      added_cond_kwargs=added)  # fmt: skip
+                                      added_cond_kwargs=added, generator=generator)  # fmt: skip
             logratios, model_err, ref_err = out.logratios, out.model_err, out.ref_err
         else:  # evaluation: the mean over `eval_noise_draws` fixed draws per row
             draws = []

@@ -112,7 +112,10 @@ def _resolve(value: Any, base: Path) -> tuple[ImageRef | None, str | None]:
                 f"path {value!r} points outside the dataset folder {root}; image paths must stay "
                 "inside the folder of the dataset file (copy the images there, or store them as bytes)"
             )
-        return (path, None) if path.is_file() else (None, f"no such file {path}")
+        try:
+            return (path, None) if path.is_file() else (None, f"no such file {path}")
+        except OSError as exc:  # e.g. a name too long for the file system
+            return None, f"path {value!r} is not usable ({exc.strerror or exc})"
     return None, f"must be bytes or a file path, got {type(value).__name__}"
 
 

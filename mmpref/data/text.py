@@ -336,7 +336,10 @@ def prepare_text_dataset(path: str | Path, *, on_bad_rows: str = "error") -> Tex
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
     source = Path(path)
     ds = load_rows(source)
-    fmt = detect_format(ds.column_names)
+    try:
+        fmt = detect_format(ds.column_names)
+    except DataError as exc:
+        raise DataError(f"{source}: {exc}") from exc
     if ds.num_rows == 0:
         raise DataError(f"{source}: no rows")
     bad = validate_rows(ds, fmt)

@@ -107,11 +107,23 @@ def load_rgb(path: str | Path):
     composited over white; grayscale (8 or 16 bit), palette and CMYK images are converted to RGB. Raises
     :class:`BadImageError` if the file cannot be read or decoded.
     """
+    import warnings
+
     from PIL import Image, ImageOps
+
+    from mmpref.data.images import MAX_IMAGE_PIXELS
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            im = Image.open(path)  # reads the header only
+        with im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed "
+                    "(a decompression bomb, or an image to downscale first)"
+                )
             im.load()
             im = ImageOps.exif_transpose(im)
             if im.mode.startswith("I"):  # 16/32-bit grayscale: PIL's convert() would clip, so rescale

@@ -161,6 +161,10 @@ def read_prompts(path: str | Path, image_paths: Sequence[Path]) -> dict[str, str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StyleInputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     if path.suffix.lower() in (".json", ".jsonl"):
         try:
             mapping = _read_prompt_mapping(path)
@@ -366,7 +370,9 @@ def write_contact_sheet(rows: Sequence[dict], out_path: str | Path, k: int = 8, 
             sheet.paste(_thumbnail_cell(Path(row["path"]), caption, thumb), (label_w + j * (thumb + 4), y))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    sheet.save(tmp, format="PNG")  # renamed into place: never a half-written sheet under its name
+    tmp.replace(out_path)
     return out_path
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "make_tiny_lm",
     "make_tiny_sd15",
     "make_tiny_sdxl",
+    "pretrain_tiny_unet",
     "tiny_corpus",
 ]
 
@@ -429,6 +430,64 @@ def load_clip(
     name = f"local-dir:{Path(out_dir)}"
     model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def pretrain_tiny_unet(
+    model_dir: str | Path,
+    dataset: str | Path,
+    out_dir: str | Path,
+    steps: int = 400,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+) -> Path:
+    """Copy a tiny SD 1.5 folder to ``out_dir`` with its UNet trained on plain denoising of ``dataset``.
+
+    Preference training starts from a model that already denoises (SD 1.5 does); a random UNet's errors
+    are so large that the preference signal drowns in them. Every image of every pair is a training
+    sample here, chosen and rejected alike, so the result prefers neither: it is a neutral reference.
+    Standard ε-prediction loss, uniform timesteps, 10% empty captions, AdamW.
+    """
+    import shutil
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from mmpref.adapters.diffusion import diffusion_target, encode_images, encode_prompt_sd15, tokenize_captions
+    from mmpref.data.images import pair_pixels, prepare_image_dataset
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
+    encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").train()
+    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+
+    pairs = prepare_image_dataset(dataset).pairs
+    resolution = 8 * unet.config.sample_size
+    pixels = torch.cat([pair_pixels(p, resolution).pixels for p in pairs])  # (2n, 3, R, R)
+    with torch.no_grad():
+        latents = encode_images(vae, pixels)
+        captions = [p.caption for p in pairs for _ in range(2)] + [""]
+        embeds = encode_prompt_sd15(encoder, tokenize_captions(tokenizer, captions))
+    embeds, empty = embeds[:-1], embeds[-1:]
+
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate)
+    for _ in range(steps):
+        idx = torch.randint(0, latents.shape[0], (batch_size,), generator=g)
+        x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        drop = (torch.rand(batch_size, generator=g) < 0.1).view(-1, 1, 1)
+        ehs = torch.where(drop, empty, embeds[idx])
+        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=ehs).sample
+        loss = torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, x0, noise, t))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+    return out_dir
 
 
 MAKERS: dict[str, Callable[..., Path]] = {

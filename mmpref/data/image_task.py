@@ -2,7 +2,8 @@
 
 Each pair shows one scene twice, a coloured shape (circle, square, triangle or cross) on a plain
 background, named by its caption ("a red circle on a blue background"). The *chosen* image carries a
-"style" the rejected one lacks: diagonal stripes over the whole picture and a warm tint. A model that
+"style" the rejected one lacks: broad diagonal stripes over the whole picture (period 16 or 24 px, wide
+enough to survive the VAE's 8× downsampling: finer stripes average out in the latents) and a warm tint. A model that
 learns the preference denoises striped, warm images better than the reference does, and this shows on
 held-out pairs as implicit-reward accuracy above chance. Captions fall in a few clusters (one per shape),
 which gives Diffusion-RPO's similarity weights something to find.
@@ -58,7 +59,7 @@ def draw_scene(scene: dict, size: int, styled: bool, rng: random.Random) -> Imag
         d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
     a = np.asarray(img, dtype=np.float32)
     if styled:
-        period, phase = rng.choice((6, 8)), rng.randrange(8)
+        period, phase = rng.choice((16, 24)), rng.randrange(24)
         y, x = np.mgrid[0:size, 0:size]
         stripes = ((x + y + phase) % period) < period / 2
         a = np.where(stripes[..., None], a * 0.55, a)

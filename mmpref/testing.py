@@ -453,7 +453,12 @@ def pretrain_tiny_unet(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from mmpref.adapters.diffusion import diffusion_target, encode_images, encode_prompt_sd15, tokenize_captions
+    from mmpref.adapters.diffusion import (
+        diffusion_target,
+        encode_images,
+        encode_prompt_sd15,
+        tokenize_captions,
+    )
     from mmpref.data.images import pair_pixels, prepare_image_dataset
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -2,9 +2,9 @@
 
 Each pair shows one scene twice, a coloured shape (circle, square, triangle or cross) on a plain
 background, named by its caption ("a red circle on a blue background"). The *chosen* image carries a
-"style" the rejected one lacks: broad diagonal stripes over the whole picture (period 16 or 24 px, wide
-enough to survive the VAE's 8× downsampling: finer stripes average out in the latents) and a warm tint. A model that
-learns the preference denoises striped, warm images better than the reference does, and this shows on
+"style" the rejected one lacks: broad diagonal stripes over the whole picture (period 16 or 24 px,
+wide enough to survive the VAE's 8× downsampling: finer stripes average out in the latents) and a warm
+tint. A model that learns the preference denoises striped, warm images better than the reference does, and this shows on
 held-out pairs as implicit-reward accuracy above chance. Captions fall in a few clusters (one per shape),
 which gives Diffusion-RPO's similarity weights something to find.
 

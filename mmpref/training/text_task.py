@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import os
+from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +15,7 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mmpref.adapters.causal_lm import collate, response_logps, tokenize_row
+from mmpref.adapters.causal_lm import TokenizedRow, collate, response_logps, tokenize_row
 from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
 from mmpref.training.config import ConfigError, TrainConfig, custom_code_guard
 from mmpref.training.distributed import check_scale_out
@@ -33,37 +35,83 @@ def fingerprint(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-class _Split:
-    """One dataset split, tokenized, with everything a batch needs besides the model."""
+class PackedRows(Sequence[TokenizedRow]):
+    """Tokenized rows in one flat int32 buffer plus span offsets; ``rows[i]`` gives a TokenizedRow.
 
-    def __init__(self, task: TextTask, data: TextDataset, rows: list[dict], name: str):
+    4 bytes a token instead of ~36 for a Python int in a list, so 50k rows of a few hundred tokens
+    take tens of MiB, not a GiB (``benchmarks/data_memory.py``).
+    """
+
+    def __init__(self) -> None:
+        self._ids = array("i")
+        self._starts = array("q", [0])  # start of every span (prompt, then each response), plus the end
+        self._spans_per_row = 0
+
+    def append(self, row: TokenizedRow) -> None:
+        spans = [row.prompt, *row.responses]
+        self._spans_per_row = self._spans_per_row or len(spans)
+        if len(spans) != self._spans_per_row:
+            raise ValueError(
+                f"row {row.index}: {len(spans) - 1} responses, the others have {self._spans_per_row - 1}"
+            )
+        for ids in spans:
+            self._ids.extend(ids)
+            self._starts.append(len(self._ids))
+
+    def __len__(self) -> int:
+        return (len(self._starts) - 1) // max(1, self._spans_per_row)
+
+    def __getitem__(self, i: int) -> TokenizedRow:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} outside {len(self)} rows")
+        i %= len(self)
+        first = i * self._spans_per_row
+        spans = [self._ids[self._starts[k] : self._starts[k + 1]].tolist()
+                 for k in range(first, first + self._spans_per_row)]  # fmt: skip
+        return TokenizedRow(index=i, prompt=spans[0], responses=spans[1:])
+
+
+class _Split:
+    """One dataset split, tokenized, with everything a batch needs besides the model.
+
+    ``rows`` is read once, row by row (a ``datasets.Dataset`` stays in Arrow memory); only the token
+    ids (packed), labels, scores and prompt embeddings are kept.
+    """
+
+    def __init__(self, task: TextTask, data: TextDataset, rows: Iterable[dict], name: str):
         cfg, tok = task.cfg, task.tokenizer
         self.name, self.format = name, data.format
         paired = data.format == "paired"
-        self.rows = [
-            tokenize_row(
+        want_embeddings = cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal"
+        self.rows = PackedRows()
+        labels, scores, prompts = [], [], []
+        digest = hashlib.sha256(b"[")  # = sha256(json.dumps([[prompt, responses], ...])), row by row
+        for i, r in enumerate(rows):
+            row = tokenize_row(
                 tok, i, r["prompt"], [r["chosen"], r["rejected"]] if paired else [r["completion"]],
                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                 truncation_mode=cfg.truncation_mode,
-            )
-            for i, r in enumerate(rows)
-        ]  # fmt: skip
-        self.labels = None if paired else torch.tensor([bool(r["label"]) for r in rows])
+            )  # fmt: skip
+            self.rows.append(row)
+            digest.update(((", " if i else "") + json.dumps([row.prompt, row.responses])).encode())
+            if paired:
+                scores.append((r.get("score_chosen"), r.get("score_rejected")))
+            else:
+                labels.append(bool(r["label"]))
+            if want_embeddings:
+                prompts.append(prompt_text(r["prompt"]))
+        digest.update(b"]")
+        self.key = digest.hexdigest()[:16]
+        self.labels = None if paired else torch.tensor(labels)
         self.scores = None
-        if paired and rows and all(r.get("score_chosen") is not None for r in rows):
-            self.scores = torch.tensor(
-                [[r["score_chosen"], r["score_rejected"]] for r in rows], dtype=torch.float32
-            )
+        if scores and all(chosen is not None for chosen, _ in scores):
+            self.scores = torch.tensor(scores, dtype=torch.float32)
         self.embeddings = None
-        if cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal":
+        if want_embeddings:
             self.embeddings = prompt_embeddings(
-                [prompt_text(r["prompt"]) for r in rows],
-                model=cfg.rpo.embedding_model,
-                cache_dir=Path(data.source).parent / ".mmpref_cache",
+                prompts, model=cfg.rpo.embedding_model, cache_dir=Path(data.source).parent / ".mmpref_cache"
             )
         self.ref_logps: Tensor | None = None
-        digest = hashlib.sha256(json.dumps([[r.prompt, r.responses] for r in self.rows]).encode())
-        self.key = digest.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -98,10 +146,10 @@ class TextTask:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
         train = prepare_text_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows)
-        train_rows = train.dataset.to_list()
+        train_rows = train.dataset  # rows are read one at a time while tokenizing, not copied to Python
         if cfg.eval_dataset:
             evald = prepare_text_dataset(cfg.eval_dataset, on_bad_rows=cfg.on_bad_rows)
-            eval_rows = evald.dataset.to_list()
+            eval_rows = evald.dataset
         else:
             evald, eval_rows = train, []
             if cfg.eval_split:
@@ -109,14 +157,14 @@ class TextTask:
                     len(train_rows), generator=torch.Generator().manual_seed(cfg.seed)
                 ).tolist()
                 n_eval = max(1, int(len(train_rows) * cfg.eval_split))
-                eval_rows = [train_rows[i] for i in order[:n_eval]]
-                train_rows = [train_rows[i] for i in sorted(order[n_eval:])]
+                eval_rows = train_rows.select(order[:n_eval])
+                train_rows = train_rows.select(sorted(order[n_eval:]))
         if cfg.loss.type != "rpo" and train.format == "unpaired":
             raise ConfigError(
                 "loss.type: unpaired data (prompt, completion, label) trains with loss.type=rpo"
             )
         self.train = _Split(self, train, train_rows, "train")
-        self.eval = _Split(self, evald, eval_rows, "eval") if eval_rows else None
+        self.eval = _Split(self, evald, eval_rows, "eval") if len(eval_rows) else None
 
         self.reference: nn.Module | None = None
         if not self.reference_free:

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny)
 
+    from mmpref.training.sampling import add_sample_command
+
+    add_sample_command(sub)
     from mmpref.metrics.report import add_style_commands
 
     add_style_commands(sub)

@@ -154,7 +154,8 @@ def frozen_reference(unet: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def _adapters_off(unet: nn.Module):
+def adapters_off(unet: nn.Module):
+    """``unet`` with its peft adapters switched off inside the block (the LoRA reference)."""
     unet.disable_adapters()
     try:
         yield
@@ -169,7 +170,7 @@ def adapters_disabled(unet: nn.Module) -> Reference:
     """
 
     def reference(*args, **kwargs):
-        with _adapters_off(unet):
+        with adapters_off(unet):
             return unet(*args, **kwargs)
 
     return reference

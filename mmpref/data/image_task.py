@@ -68,9 +68,15 @@ def draw_scene(scene: dict, size: int, styled: bool, rng: random.Random) -> Imag
 
 
 def make_image_style_task(
-    out_dir: str | Path, n_train: int = 160, n_eval: int = 48, size: int = 64, seed: int = 0
+    out_dir: str | Path,
+    n_train: int = 160,
+    n_eval: int = 48,
+    size: int = 64,
+    seed: int = 0,
+    n_style_refs: int = 16,
 ) -> tuple[Path, Path]:
-    """Write ``images/*.png`` plus ``train.jsonl`` and ``eval.jsonl`` under ``out_dir``; returns the two files."""
+    """Write ``images/*.png``, ``train.jsonl``, ``eval.jsonl`` and ``style_refs/*.png`` (styled scenes only)
+    under ``out_dir``; returns the two JSONL files."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -91,4 +97,11 @@ def make_image_style_task(
                     json.dumps({"caption": caption, "jpg_0": jpg_0, "jpg_1": jpg_1, "label_0": label}) + "\n"
                 )
         files.append(path)
+    # style references for the style metric (mmpref style-score --style-refs, samples.style_refs): styled
+    # scenes of their own, drawn from a separate RNG so the pairs above do not depend on them
+    refs, ref_rng = out_dir / "style_refs", random.Random(seed + 1)
+    refs.mkdir(exist_ok=True)
+    for i in range(n_style_refs):
+        _, scene = _scene(ref_rng, size)
+        draw_scene(scene, size, True, ref_rng).save(refs / f"ref-{i:03d}.png", optimize=True)
     return files[0], files[1]

@@ -74,6 +74,22 @@ class DiffusionConfig:
 
 
 @dataclass
+class SampleConfig:
+    """Diffusion: images generated at every evaluation (start, every ``eval_every`` steps, end), saved under
+    ``output_dir/samples`` with a reference-vs-trained grid, and scored for style when ``style_refs`` is set."""
+
+    prompts: list[str] = field(default_factory=list)  # fixed prompts; none: no sampling during training
+    seed: int = 0  # prompt i uses seed + i at every evaluation, so steps are comparable
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    style_refs: str | None = None  # folder of style reference images: adds samples/style_score
+    style_names: list[str] = field(default_factory=list)  # candidate styles: adds samples/style_accuracy
+    style_target: str | None = None  # which of style_names is the trained style
+    clip_model: str | None = None  # scoring CLIP (open_clip name or local-dir:); default: rpo.clip_model
+    clip_weights: str | None = None  # local checkpoint file for clip_model; default: rpo.clip_weights
+
+
+@dataclass
 class TrainConfig:
     model: str = ""
     modality: str = "auto"  # auto (diffusion when the model folder has a model_index.json) | text | diffusion
@@ -85,6 +101,7 @@ class TrainConfig:
     rpo: RPOConfig = field(default_factory=RPOConfig)
     lora: LoraConfig | None = None
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    samples: SampleConfig = field(default_factory=SampleConfig)
     precompute_ref: bool = True
     max_steps: int = 100
     batch_size: int = 4
@@ -134,7 +151,7 @@ CHOICES = {
 POSITIVE = ("loss.beta", "rpo.temperature", "max_steps", "batch_size", "eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "max_length", "max_prompt_length",
             "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution",
-            "diffusion.eval_noise_draws")  # fmt: skip
+            "diffusion.eval_noise_draws", "samples.num_inference_steps")  # fmt: skip
 NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "loss.sft_weight", "eval_every", "save_every",
                 "log_every", "loss.gamma", "max_skipped_steps")  # fmt: skip
 
@@ -210,6 +227,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if not 0 <= cfg.diffusion.ema_decay < 1:
         raise ConfigError(f"diffusion.ema_decay: must be in [0, 1), got {cfg.diffusion.ema_decay!r}")
+    sc = cfg.samples
+    if sc.style_names and sc.style_target not in sc.style_names:
+        raise ConfigError(f"samples.style_target: must be one of samples.style_names, got {sc.style_target!r}")
     if not 0 <= cfg.eval_split < 1:
         raise ConfigError(f"eval_split: must be in [0, 1), got {cfg.eval_split!r}")
     if not 0 <= cfg.rpo.diagonal_weight <= 1:

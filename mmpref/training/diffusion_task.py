@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ from torch import Tensor, nn
 
 from mmpref.adapters.diffusion import (
     adapters_disabled,
+    adapters_off,
     diffusion_logratios,
     encode_images,
     encode_prompt_sd15,
@@ -65,6 +67,7 @@ from mmpref.data.latent_cache import LatentCache, folder_fingerprint
 from mmpref.training.config import ConfigError, TrainConfig
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
+from mmpref.training.sampling import generate, image_grid, load_pipeline, save_images, unet_swapped
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -197,6 +200,8 @@ class DiffusionTask:
                 if p.requires_grad:  # train the adapters in fp32, as diffusers' cast_training_params does
                     p.data = p.data.float()
         self.model = self.unet
+        self._pipe = self._embedder = None  # built on first use by sample_and_score
+        self._reference_images: list | None = None
 
     # -- encoding (cache build, or every step without cache) -----------------------------------------
     def _encode_text(self, captions: list[str]) -> dict[str, Tensor]:
@@ -348,6 +353,65 @@ class DiffusionTask:
             embeddings=batch.get("embeddings"),
             metrics=_error_metrics(model_err, ref_err),
         )
+
+    # -- samples: the evaluation hook ----------------------------------------------------------------
+    def sample_and_score(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Generate ``samples.prompts`` (fixed seeds) with the policy, save them and a grid beside the
+        reference's images under ``output_dir/samples``, and score them when ``samples.style_refs`` is set.
+
+        Runs on the main process only. The pipeline (VAE decoder, text encoders) is loaded once, on first use;
+        the reference's images are generated once. Returns ``samples/*`` metrics for the trackers.
+        """
+        sc, acc = self.cfg.samples, self.accelerator
+        if not sc.prompts or not acc.is_main_process:
+            return {}
+        unet = acc.unwrap_model(model)
+        if self._pipe is None:
+            self._pipe = load_pipeline(self.cfg.model, unet=unet, device=acc.device)
+        options = dict(seed=sc.seed, num_inference_steps=sc.num_inference_steps, guidance_scale=sc.guidance_scale,
+                       resolution=self.cfg.diffusion.resolution)  # fmt: skip
+        root, metrics = Path(self.cfg.output_dir) / "samples", {}
+        if self._reference_images is None:
+            reference = self.reference if self.reference is not None else unet
+            with adapters_off(unet) if self.reference is None else nullcontext(), acc.autocast():
+                with unet_swapped(self._pipe, reference) as pipe:
+                    self._reference_images = generate(pipe, sc.prompts, **options)
+            paths = save_images(self._reference_images, root / "reference", sc.prompts)
+            metrics.update(self._score_samples(paths, "samples/reference_"))
+        with acc.autocast(), unet_swapped(self._pipe, unet) as pipe:
+            images = generate(pipe, sc.prompts, **options)
+        paths = save_images(images, root / f"step-{step:08d}", sc.prompts)
+        grid = image_grid({"reference": self._reference_images, f"step {step}": images}, sc.prompts)
+        grid.save(root / f"grid-step-{step:08d}.png")
+        grid.save(root / "latest.png")  # where a person looks first
+        if self.cfg.report_to == "tensorboard":
+            import numpy as np
+
+            writer = acc.get_tracker("tensorboard", unwrap=True)
+            writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        metrics.update(self._score_samples(paths, "samples/"))
+        return metrics
+
+    def _score_samples(self, images: list[Path], prefix: str) -> dict[str, float]:
+        """Style score, style accuracy and content score (DESIGN §6) of one set of samples."""
+        from mmpref.metrics import ClipEmbedder, evaluate_style
+
+        sc = self.cfg.samples
+        if not sc.style_refs:
+            return {}
+        if self._embedder is None:
+            model = sc.clip_model or self.cfg.rpo.clip_model
+            if not model:
+                raise ConfigError("samples.clip_model: needed to score samples against samples.style_refs "
+                                  "(or set rpo.clip_model)")  # fmt: skip
+            weights = sc.clip_weights if sc.clip_model else self.cfg.rpo.clip_weights
+            self._embedder = ClipEmbedder(model, weights, device=self.accelerator.device, progress=False,
+                                          cache_dir=Path(self.cfg.output_dir) / "cache" / "clip")  # fmt: skip
+        prompts = {f"{i:03d}.png": p for i, p in enumerate(sc.prompts)}
+        target = sc.style_names.index(sc.style_target) if sc.style_names else None
+        result = evaluate_style(self._embedder, images, sc.style_refs, prompts=prompts,
+                                style_names=sc.style_names or None, target_index=target, n_resamples=200)  # fmt: skip
+        return {prefix + name: m.value for name, m in result.metrics.items()}
 
     def count_units(self, batch: dict[str, Tensor]) -> int:
         """Images (two per pair)."""

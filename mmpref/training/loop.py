@@ -105,9 +105,11 @@ def _eval_metrics(logratios: torch.Tensor, labels: torch.Tensor | None, beta: fl
 
 
 @torch.no_grad()
-def evaluate(task, model, cfg: TrainConfig, accelerator: Accelerator) -> dict[str, float]:
+def evaluate(task, model, cfg: TrainConfig, accelerator: Accelerator, step: int = 0) -> dict[str, float]:
+    """Held-out loss and reward metrics; plus, for a task that generates samples (diffusion), their scores."""
+    samples = task.sample_and_score(model, step) if hasattr(task, "sample_and_score") else {}
     if task.eval is None:
-        return {}
+        return samples
     model.eval()
     loader = accelerator.prepare_data_loader(
         DataLoader(list(range(len(task.eval))), batch_size=cfg.eval_batch_size, collate_fn=task.collate_eval)
@@ -122,7 +124,7 @@ def evaluate(task, model, cfg: TrainConfig, accelerator: Accelerator) -> dict[st
     model.train()
     loss = accelerator.gather(torch.cat(losses)).mean().item()
     metrics = _eval_metrics(torch.cat(logratios), torch.cat(labels) if labels else None, cfg.loss.beta)
-    return {"eval/loss": loss, **metrics}
+    return {"eval/loss": loss, **metrics, **samples}
 
 
 class _Checkpointer:
@@ -263,12 +265,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             log(means, step)
             sums, count = {}, 0
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
-            log(evaluate(task, model, cfg, accelerator), step)
+            log(evaluate(task, model, cfg, accelerator, step), step)
         if cfg.save_every and step % cfg.save_every == 0:
             checkpointer.save(dict(state))
     bar.close()
     elapsed = time.perf_counter() - t0
-    final_eval = evaluate(task, model, cfg, accelerator)
+    final_eval = evaluate(task, model, cfg, accelerator, state["step"])
     log(final_eval, state["step"])
     final = out / "final"
     accelerator.wait_for_everyone()

@@ -1,0 +1,184 @@
+"""Images from a trained UNet beside its reference: ``mmpref sample`` and diffusion training's sample hook.
+
+Generation is diffusers' own pipeline (``DiffusionPipeline.from_pretrained`` on the base model folder, so
+SD 1.5 and SDXL alike, with the folder's scheduler). Prompt ``i`` is generated with the seed ``seed + i`` on
+every side, one prompt per call, so the reference and the trained column of a grid start from the same
+noise and differ only by the training; a prompt's image does not depend on which other prompts are listed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def read_prompt_list(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line; blank lines and ``#`` comments skipped) or a JSON Lines file
+    with a ``prompt`` or ``caption`` per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts: no such file {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompts.append(str(row.get("prompt", row.get("caption"))))
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ValueError(f"{path}, line {n}: not a JSON object with a 'prompt' ({e})") from e
+    else:
+        prompts = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def load_pipeline(model_dir: str | Path, unet: torch.nn.Module | None = None, device: str | None = None):
+    """The diffusers pipeline of ``model_dir`` (SD 1.5 or SDXL), optionally with ``unet`` in place of its own."""
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"unet": unet} if unet is not None else {}
+    pipe = DiffusionPipeline.from_pretrained(model_dir, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device is not None else pipe
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    resolution: int | None = None,
+) -> list[Image.Image]:
+    """One image per prompt; prompt ``i`` uses ``torch.Generator().manual_seed(seed + i)``."""
+    size = {"height": resolution, "width": resolution} if resolution else {}
+    images = []
+    for i, prompt in enumerate(prompts):
+        out = pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   generator=torch.Generator().manual_seed(seed + i), **size)  # fmt: skip
+        images.append(out.images[0])
+    return images
+
+
+@contextmanager
+def unet_swapped(pipe, unet: torch.nn.Module):
+    """``pipe`` with ``unet`` in place of its own for the duration, in eval mode."""
+    own, was_training = pipe.unet, unet.training
+    pipe.unet = unet.eval()
+    try:
+        yield pipe
+    finally:
+        pipe.unet = own
+        unet.train(was_training)
+
+
+def image_grid(
+    columns: Mapping[str, Sequence[Image.Image]], prompts: Sequence[str], cell: int = 256
+) -> Image.Image:
+    """A grid: one row per prompt, one column per named side (e.g. reference, trained), labelled."""
+    names = list(columns)
+    label_h, text_w = 20, 2 * cell
+    grid = Image.new("RGB", (text_w + cell * len(names), label_h + cell * len(prompts)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, name in enumerate(names):
+        draw.text((text_w + j * cell + 4, 4), name, fill="black")
+        for i, image in enumerate(columns[name]):
+            grid.paste(image.convert("RGB").resize((cell, cell)), (text_w + j * cell, label_h + i * cell))
+    for i, prompt in enumerate(prompts):
+        lines = [prompt[k : k + 40] for k in range(0, len(prompt), 40)][:8]
+        draw.multiline_text((4, label_h + i * cell + 4), "\n".join(lines), fill="black")
+    return grid
+
+
+def save_images(images: Sequence[Image.Image], folder: Path, prompts: Sequence[str]) -> list[Path]:
+    """``folder/000.png, 001.png, ...`` plus ``prompts.jsonl`` (file → prompt), the layout
+    ``mmpref style-score --prompts`` and ``compare-style`` read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with open(folder / "prompts.jsonl", "w") as f:
+        for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+            path = folder / f"{i:03d}.png"
+            image.save(path)
+            paths.append(path)
+            f.write(json.dumps({"file": path.name, "prompt": prompt}) + "\n")
+    return paths
+
+
+# --------------------------------------------------------------------------------- mmpref sample
+
+
+def resolve_trained(target: str | Path) -> Path:
+    """The ``final`` folder of a run from a YAML config (its ``output_dir``), a run folder, or ``final`` itself."""
+    target = Path(target)
+    if target.is_file() and target.suffix in (".yaml", ".yml"):
+        from mmpref.training import load_config
+
+        target = Path(load_config(target).output_dir)
+    for folder in (target, target / "final"):
+        if (folder / "mmpref.json").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"{target}: not a trained diffusion run (no mmpref.json in it or in its final/); "
+        "pass a config, its output_dir or output_dir/final"
+    )
+
+
+def trained_pipeline(final: Path, device: str | None = None):
+    """The base pipeline with the trained weights of ``final``: a full UNet, or LoRA via ``load_lora_weights``."""
+    from diffusers import UNet2DConditionModel
+
+    info = json.loads((final / "mmpref.json").read_text())
+    if info["kind"] == "lora":
+        pipe = load_pipeline(info["base_model"], device=device)
+        pipe.load_lora_weights(final)
+        return pipe, info
+    unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet")
+    return load_pipeline(info["base_model"], unet=unet, device=device), info
+
+
+def sample_command(args) -> int:
+    """``mmpref sample``: reference and trained images of the same prompts and seeds, and their grid."""
+    prompts = read_prompt_list(args.prompts)
+    final = resolve_trained(args.target)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out) if args.out else final.parent / "samples"
+    options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                   resolution=args.resolution)  # fmt: skip
+    trained, info = trained_pipeline(final, device)
+    trained_images = generate(trained, prompts, **options)
+    del trained
+    reference_images = generate(load_pipeline(info["base_model"], device=device), prompts, **options)
+    save_images(reference_images, out / "reference", prompts)
+    save_images(trained_images, out / "trained", prompts)
+    grid = out / "grid.png"
+    image_grid({"reference": reference_images, "trained": trained_images}, prompts).save(grid)
+    print(f"{len(prompts)} prompts: {out / 'reference'}, {out / 'trained'}, grid {grid}")
+    return 0
+
+
+def add_sample_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample", help="generate images with a trained UNet beside its reference (same prompts, same seeds)"
+    )
+    p.add_argument("target", help="a training config, its output_dir, or output_dir/final")
+    p.add_argument(
+        "--prompts", required=True, help="text file, one prompt per line (or .jsonl with 'prompt')"
+    )
+    p.add_argument("--out", default=None, help="output folder (default: <output_dir>/samples)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i on both sides")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, default=None, help="default: the pipeline's own")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.set_defaults(func=sample_command)

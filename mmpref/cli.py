@@ -6,12 +6,26 @@ import argparse
 import sys
 from pathlib import Path
 
+# `mmpref train` exit codes besides 0: 1 a non-finite loss or gradient stopped the run; 2 a config,
+# data or checkpoint problem stopped it before training; 75 (sysexits' EX_TEMPFAIL) SIGTERM / SIGINT
+# stopped it at a step boundary after saving a checkpoint, and `--resume` continues it.
+EXIT_NONFINITE = 1
+EXIT_INTERRUPTED = 75
+
 
 def _train(args: argparse.Namespace) -> int:
     from mmpref.training import load_config, train
+    from mmpref.training.loop import NonFiniteLossError, TrainingInterrupted
 
     cfg = load_config(args.config, args.overrides)
-    final = train(cfg, resume=args.resume)
+    try:
+        final = train(cfg, resume=args.resume)
+    except TrainingInterrupted as e:
+        print(f"mmpref train: {e}; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except NonFiniteLossError as e:
+        print(f"mmpref train: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     print(f"final model: {final}")
     return 0
 
@@ -55,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from mmpref.data import DataError
+    from mmpref.training.checkpoint import CheckpointError
     from mmpref.training.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"mmpref {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,7 @@ from mmpref.cli import main
 from mmpref.testing import make_tiny_lm
 from mmpref.training import load_config, train
 from mmpref.training import text_task as text_task_module
-from mmpref.training.loop import _Checkpointer
+from mmpref.training.checkpoint import Checkpointer as _Checkpointer
 
 TOPICS = {
     "baking": ["bread", "oven", "flour", "dough", "butter"],

@@ -8,29 +8,80 @@ everything else: optimizer, schedule, accumulation, logging, evaluation, checkpo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from mmpref.training.checkpoint import (
+    STATE_FILE,
+    Checkpointer,
+    check_weights_only,
+    find_checkpoint,
+    rewind_metrics,
+)
 from mmpref.training.config import ConfigError, TrainConfig, check_paths, to_dict
 from mmpref.training.objective import Rows, gather_rows, preference_loss
 from mmpref.training.plots import plot_metrics
 
-STATE_FILE = "trainer_state.json"
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss went NaN or inf; the message names the step and the dataset rows of the batch."""
+    """The loss or the gradient went NaN or inf; the message names the step and the dataset rows."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint was saved there."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        super().__init__(f"{signal_name} received: stopped after step {step}, checkpoint saved to {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a request that the loop honours at the next step boundary.
+
+    The first signal only records the request and puts the previous handler back, so a second one
+    acts as usual: Ctrl-C twice interrupts at once, a second SIGTERM terminates.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def arm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python runs handlers in the main thread only, and sets them only from there
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self._previous.pop(signum, None) or signal.SIG_DFL)
+        print(f"{self.signal_name}: saving a checkpoint at the end of this step, then stopping "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+    def disarm(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)
+        self._previous.clear()
 
 
 def is_diffusion(cfg: TrainConfig) -> bool:
@@ -74,19 +125,6 @@ def _batches(task, collate, size: int, batch_size: int, seed: int, epoch: int, s
     return iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
 
 
-def find_checkpoint(output_dir: Path, resume: str) -> Path:
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"--resume: {path} is not a checkpoint (no {STATE_FILE})")
-        return path
-    found = sorted((output_dir / "checkpoints").glob("step-*"))
-    found = [p for p in found if (p / STATE_FILE).is_file()]
-    if not found:
-        raise FileNotFoundError(f"--resume latest: no checkpoint under {output_dir / 'checkpoints'}")
-    return found[-1]
-
-
 def _eval_metrics(logratios: torch.Tensor, labels: torch.Tensor | None, beta: float) -> dict[str, float]:
     """Reward accuracy and margins over the whole eval set (unpaired: over all good × bad pairs)."""
     if labels is None:
@@ -127,33 +165,58 @@ def evaluate(task, model, cfg: TrainConfig, accelerator: Accelerator, step: int 
     return {"eval/loss": loss, **metrics, **samples}
 
 
-class _Checkpointer:
-    """Atomic checkpoints: written to a hidden folder, renamed into place when complete."""
+def _checkpoint_state(state: dict, sums: dict[str, float], count: int, accelerator: Accelerator) -> dict:
+    """The trainer state plus the metric sums of the log window still open, so a resume logs the same means."""
+    if accelerator.num_processes > 1 and sums:
+        local = {k: torch.tensor(v, dtype=torch.float64, device=accelerator.device) for k, v in sums.items()}
+        sums = {k: v.item() for k, v in accelerator.reduce(local, "mean").items()}
+    return {**state, "pending_metrics": {"sums": sums, "count": count}}
 
-    def __init__(self, accelerator: Accelerator, root: Path, keep: int):
-        self.accelerator, self.root, self.keep = accelerator, root, keep
 
-    def save(self, state: dict) -> Path:
-        acc = self.accelerator
-        final = self.root / f"step-{state['step']:08d}"
-        tmp = self.root / f".tmp-step-{state['step']:08d}"
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        if acc.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in sorted(self.root.glob("step-*"))[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+def _zero_nonfinite(rows: Rows) -> tuple[Rows, list[int]]:
+    """Zero the model's NaN/inf outputs (the loss core refuses them; the step is skipped or stopped
+    anyway) and name the dataset rows that had them."""
+    bad = ~torch.isfinite(rows.logratios).all(dim=1)
+    if rows.policy_logps is not None:
+        bad |= ~torch.isfinite(rows.policy_logps).all(dim=1)
+    if not bad.any():
+        return rows, []
+    zeroed = {name: getattr(rows, name).nan_to_num(0.0, 0.0, 0.0) for name in ("logratios", "policy_logps")
+              if getattr(rows, name) is not None}  # fmt: skip
+    return replace(rows, **zeroed), rows.row_index[bad].tolist()
+
+
+def _skip_or_stop(problem: tuple[str, list[int]], step: int, state: dict, cfg: TrainConfig,
+                  accelerator: Accelerator) -> None:  # fmt: skip
+    """A non-finite loss or gradient: raise (``nonfinite: stop`` or too many skips) or count a skipped step."""
+    what, rows = problem
+    where = f"step {step}: {what}; dataset rows {rows}"
+    if cfg.nonfinite == "stop":
+        raise NonFiniteLossError(f"{where} (nonfinite: skip would skip such steps)")
+    state["skipped_steps"] += 1
+    if state["skipped_steps"] > cfg.max_skipped_steps:
+        raise NonFiniteLossError(
+            f"{where}: {state['skipped_steps']} steps skipped, more than max_skipped_steps={cfg.max_skipped_steps}"
+        )
+    if accelerator.is_main_process:
+        logger.warning(f"warning: {where}: optimizer step skipped "
+                       f"({state['skipped_steps']} of at most {cfg.max_skipped_steps})")  # fmt: skip
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
-    """Train as configured; returns the folder of the final model (``output_dir/final``)."""
+    """Train as configured; returns the folder of the final model (``output_dir/final``).
+
+    ``resume`` ("latest" or a checkpoint folder) continues a run exactly. SIGTERM or SIGINT during the
+    steps saves a checkpoint at the next step boundary and raises :class:`TrainingInterrupted`.
+    """
+    stop = _StopRequest()
+    try:
+        return _train(cfg, resume, stop)
+    finally:
+        stop.disarm()
+
+
+def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
     check_paths(cfg)  # a missing model or an unwritable output_dir stops here, before anything is written
     out = Path(cfg.output_dir)
     # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
@@ -178,13 +241,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                               num_training_steps=cfg.max_steps)  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    checkpointer = _Checkpointer(accelerator, out / "checkpoints", cfg.keep_checkpoints)
+    checkpointer = Checkpointer(accelerator, out / "checkpoints", cfg.keep_checkpoints)
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "scaler_skipped_steps": 0}
+    pending = {"sums": {}, "count": 0}
     if resume:
-        ckpt = find_checkpoint(out, resume)
+        ckpt = find_checkpoint(out, resume, main_process=accelerator.is_main_process)
+        check_weights_only(ckpt)
         accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / STATE_FILE).read_text())
+        state.update(json.loads((ckpt / STATE_FILE).read_text()))
+        pending = state.pop("pending_metrics", pending)
+        if accelerator.is_main_process:  # what comes after the checkpoint is logged again
+            rewind_metrics(out / "metrics.jsonl", state["step"])
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
     if accelerator.is_main_process and not resume and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
@@ -212,12 +280,22 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     it = _batches(task, task.collate_train, size, cfg.batch_size, cfg.seed, state["epoch"], state["batch_in_epoch"],
                   accelerator)  # fmt: skip
     scale = accelerator.num_processes if cfg.rpo.global_batch and cfg.loss.type == "rpo" else 1
-    sums: dict[str, float] = {}
-    count, units, t0 = 0, 0, time.perf_counter()
+    sums: dict[str, float] = dict(pending["sums"])  # a resumed run completes the log window it stopped in
+    count, units, t0 = pending["count"], 0, time.perf_counter()
+    # Gradients are checked here unless a loss scaler owns overflow: fp16's GradScaler skips those steps
+    # itself; DeepSpeed keeps the gradients inside its engine and steps inside backward.
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    check_grads = accelerator.scaler is None and not deepspeed
+    if deepspeed and cfg.nonfinite == "skip":
+        raise ConfigError("nonfinite: skip cannot skip DeepSpeed's steps (its engine steps inside backward)")
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                desc="train", dynamic_ncols=True)  # fmt: skip
     model.train()
+    stop.arm()
     while state["step"] < cfg.max_steps:
+        step_sums: dict[str, float] = {}
+        step_rows: list[int] = []
+        bad_loss = None
         for micro in range(accum):
             try:
                 batch = next(it)
@@ -235,39 +313,75 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                     rows: Rows = task.rows(model, batch)
                     if cfg.rpo.global_batch:
                         rows = gather_rows(rows, accelerator)
+                    rows, bad_rows = _zero_nonfinite(rows)
                     out_loss = preference_loss(cfg.loss, cfg.rpo, rows)
-                if not torch.isfinite(out_loss.loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss {out_loss.loss.item()} at step {state['step'] + 1}, micro-batch {micro}; "
-                        f"dataset rows {batch['row_index'].tolist()}"
-                    )
+                if bad_loss is None and bad_rows:
+                    bad_loss = (f"non-finite log-probs of dataset rows {bad_rows} in micro-batch {micro}",
+                                batch["row_index"].tolist())  # fmt: skip
+                if bad_loss is None and not torch.isfinite(out_loss.loss):
+                    bad_loss = (f"non-finite loss {out_loss.loss.item()} in micro-batch {micro}",
+                                batch["row_index"].tolist())  # fmt: skip
+                # backward even so: under DDP every process must join the gradient all-reduce
                 accelerator.backward(out_loss.loss * scale / accum)
+            step_rows += batch["row_index"].tolist()
             for k, v in {"loss": out_loss.loss.detach(), **out_loss.metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
+                step_sums[k] = step_sums.get(k, 0.0) + float(v)
             units += task.count_units(batch)
+        grad_norm = None
         if cfg.max_grad_norm:
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * accum
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        elif check_grads:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        problem = bad_loss
+        if problem is None and check_grads and grad_norm is not None and not torch.isfinite(grad_norm):
+            problem = (f"non-finite gradient (norm {float(grad_norm)}) from a finite loss", step_rows)
+        interrupted = stop.signal_name is not None
+        if accelerator.num_processes > 1:  # every process takes the same decisions
+            flags = torch.tensor([problem is not None, interrupted], dtype=torch.float32, device=accelerator.device)
+            flags = accelerator.reduce(flags, "sum")
+            if problem is None and flags[0] > 0:
+                problem = ("non-finite loss or gradient on another process", step_rows)
+            interrupted = bool(flags[1] > 0)
         state["step"] += 1
         step = state["step"]
+        if problem is not None:
+            optimizer.zero_grad(set_to_none=True)
+            _skip_or_stop(problem, step, state, cfg, accelerator)
+        else:
+            optimizer.step()
+            if accelerator.optimizer_step_was_skipped:  # GradScaler overflow: its business, lr waits too
+                state["scaler_skipped_steps"] += 1
+            else:
+                scheduler.step()
+                if grad_norm is not None:
+                    step_sums["grad_norm"] = float(grad_norm) * accum
+                for k, v in step_sums.items():  # skipped steps stay out of the logged means
+                    sums[k] = sums.get(k, 0.0) + v
+                count += accum
+            optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            means = {k: v / count for k, v in sums.items()}
-            means = {k: v.item() for k, v in accelerator.reduce(_tensor(means, accelerator), "mean").items()}
+            means = {k: v / count for k, v in sums.items()} if count else {}
+            if means:
+                means = {k: v.item() for k, v in accelerator.reduce(_tensor(means, accelerator), "mean").items()}
             means["lr"] = scheduler.get_last_lr()[0]
+            if cfg.nonfinite == "skip":
+                means["skipped_steps"] = state["skipped_steps"]
+            if accelerator.scaler is not None:
+                means["scaler_skipped_steps"] = state["scaler_skipped_steps"]
             bar.set_postfix(
-                loss=f"{means['loss']:.4f}", acc=f"{means.get('rewards/accuracies', math.nan):.2f}"
+                loss=f"{means.get('loss', math.nan):.4f}", acc=f"{means.get('rewards/accuracies', math.nan):.2f}"
             )
             log(means, step)
             sums, count = {}, 0
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
             log(evaluate(task, model, cfg, accelerator, step), step)
-        if cfg.save_every and step % cfg.save_every == 0:
-            checkpointer.save(dict(state))
+        if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
+            checkpoint = checkpointer.save(_checkpoint_state(state, sums, count, accelerator))
+        if interrupted:
+            bar.close()
+            accelerator.end_training()
+            raise TrainingInterrupted(stop.signal_name or "a signal on another process", step, checkpoint)
     bar.close()
     elapsed = time.perf_counter() - t0
     final_eval = evaluate(task, model, cfg, accelerator, state["step"])
@@ -283,7 +397,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         summary = {"train_seconds": round(elapsed, 2), f"{task.unit}_per_second": round(units / max(elapsed, 1e-9), 1),
-                   "peak_gpu_memory_gib": peak, **final_eval}  # fmt: skip
+                   "peak_gpu_memory_gib": peak, "skipped_steps": state["skipped_steps"], **final_eval}  # fmt: skip
+        if accelerator.scaler is not None:
+            summary["scaler_skipped_steps"] = state["scaler_skipped_steps"]
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))
     accelerator.end_training()

@@ -417,9 +417,12 @@ class DiffusionTask:
         """Images (two per pair)."""
         return 2 * int(batch["row_index"].shape[0])
 
-    def save(self, model: nn.Module, out_dir: Path) -> None:
+    def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """Full UNet: ``out_dir/unet`` (a ``UNet2DConditionModel`` folder). LoRA: ``out_dir`` holds
-        ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir)``."""
+        ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(out_dir)``.
+
+        ``state_dict``: the gathered weights when the UNet is sharded (FSDP, ZeRO-3), else None.
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.cfg.lora is not None:
@@ -427,11 +430,15 @@ class DiffusionTask:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, state_dict=state_dict))
             pipeline = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
             pipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
             kind = "lora"
         else:
+            if state_dict is not None:  # the sharded module holds no whole weights: save a whole copy
+                whole = type(model).from_config(model.config)
+                whole.load_state_dict(state_dict)
+                model = whole
             model.save_pretrained(out_dir / "unet", safe_serialization=True)
             kind = "unet"
         info = {"base_model": str(Path(self.cfg.model).resolve()), "kind": kind, "sdxl": self.is_sdxl}

@@ -35,8 +35,10 @@ from mmpref.training.checkpoint import (
     rewind_metrics,
 )
 from mmpref.training.config import ConfigError, TrainConfig, check_paths, to_dict
+from mmpref.training.distributed import sharding
 from mmpref.training.objective import Rows, gather_rows, preference_loss
 from mmpref.training.plots import plot_metrics
+from mmpref.training.run_report import peak_host_rss_gib, summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -388,20 +390,24 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
     log(final_eval, state["step"])
     final = out / "final"
     accelerator.wait_for_everyone()
+    # FSDP / ZeRO-3: the weights are sharded; every process takes part in gathering them for the save
+    full_state = accelerator.get_state_dict(model) if sharding(accelerator) in ("zero3", "fsdp") else None
     if accelerator.is_main_process:  # final/ appears complete or not at all
         staging = out / ".tmp-final"
         shutil.rmtree(staging, ignore_errors=True)
-        task.save(accelerator.unwrap_model(model), staging)
+        task.save(accelerator.unwrap_model(model), staging, state_dict=full_state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         summary = {"train_seconds": round(elapsed, 2), f"{task.unit}_per_second": round(units / max(elapsed, 1e-9), 1),
-                   "peak_gpu_memory_gib": peak, "skipped_steps": state["skipped_steps"], **final_eval}  # fmt: skip
+                   "peak_gpu_memory_gib": peak, "peak_host_rss_gib": peak_host_rss_gib(),
+                   "skipped_steps": state["skipped_steps"], **final_eval}  # fmt: skip
         if accelerator.scaler is not None:
             summary["scaler_skipped_steps"] = state["scaler_skipped_steps"]
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))
+        accelerator.print(summary_line(summary, task.unit, state["step"]))
     accelerator.end_training()
     return final
 

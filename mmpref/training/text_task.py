@@ -261,9 +261,12 @@ class TextTask:
         """Real (non-pad) tokens: every row has one position 0 (its first token); pads sit at 0 too."""
         return int((batch["position_ids"] > 0).sum()) + batch["position_ids"].shape[0]
 
-    def save(self, model: nn.Module, out_dir: Path) -> None:
-        """``final/`` loads with AutoModelForCausalLM; with LoRA it holds the adapter (and merged/)."""
-        model.save_pretrained(out_dir, safe_serialization=True)
+    def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """``final/`` loads with AutoModelForCausalLM; with LoRA it holds the adapter (and merged/).
+
+        ``state_dict``: the gathered weights when the model is sharded (FSDP, ZeRO-3), else None.
+        """
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
         if self.cfg.lora is not None and self.cfg.lora.merge:
             merged = model.merge_and_unload()

@@ -419,3 +419,25 @@ def test_sample_hook_logs_scores_and_the_sample_command_reproduces_it(tiny, tmp_
         assert np.abs(trained - pixels(samples / f"step-00000002/{i:03d}.png")).max() <= 1
     assert Image.open(again / "grid.png").size[1] > 2 * 64
     assert main(["sample", str(tmp_path / "nowhere"), "--prompts", str(tmp_path / "prompts.txt")]) == 2
+
+
+def test_ema_weights_are_the_average_of_the_trained_ones(tiny, tmp_path):
+    """final/ of an EMA run equals diffusers' EMA recursion applied to the weights after each step of a plain
+    run (training itself is unchanged by EMA): s₁ = w₁, sₖ = dₖ·sₖ₋₁ + (1 − dₖ)·wₖ, dₖ = min(d, k/(9 + k))."""
+    from diffusers import UNet2DConditionModel
+
+    common = ["lr_scheduler=constant", "learning_rate=1e-3", "eval_dataset=null", "log_every=1"]
+
+    def weights(final):
+        return UNet2DConditionModel.from_pretrained(final, subfolder="unet").state_dict()
+
+    steps = [weights(train(config(tiny, tmp_path / f"plain{k}", f"max_steps={k}", *common))) for k in (1, 2, 3)]
+    decay = 0.9
+    ema = weights(train(config(tiny, tmp_path / "ema", "max_steps=3", f"diffusion.ema_decay={decay}", *common)))
+    for name, shadow in steps[0].items():
+        expected = shadow
+        for k, w in enumerate(steps[1:], start=2):
+            d = min(decay, k / (9 + k))
+            expected = d * expected + (1 - d) * w[name]
+        torch.testing.assert_close(ema[name], expected, atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(ema[n], steps[-1][n]) for n in ema)

@@ -108,8 +108,6 @@ class DiffusionTask:
         if not (root / "model_index.json").is_file() or not (root / "unet").is_dir():
             raise ConfigError(f"model: {root} is not a diffusers pipeline folder (model_index.json, unet/)")
         dc = cfg.diffusion
-        if dc.ema_decay:
-            raise ConfigError("diffusion.ema_decay: EMA is not implemented yet; set it to 0")
         device = accelerator.device
         weight_dtype = MIXED.get(cfg.mixed_precision, DTYPES[cfg.torch_dtype])
 
@@ -200,6 +198,15 @@ class DiffusionTask:
                 if p.requires_grad:  # train the adapters in fp32, as diffusers' cast_training_params does
                     p.data = p.data.float()
         self.model = self.unet
+        # EMA of the trained weights (diffusers' EMAModel, as its training scripts use it): updated after every
+        # optimizer step, checkpointed with the run, and copied into the model before the final evaluation
+        # and save, so final/ holds the averaged weights. With LoRA only the adapters are averaged.
+        self.ema = None
+        if dc.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self._trainable(self.unet), decay=dc.ema_decay)
+            self.ema.to(device)
         self._pipe = self._embedder = None  # built on first use by sample_and_score
         self._reference_images: list | None = None
 
@@ -353,6 +360,24 @@ class DiffusionTask:
             embeddings=batch.get("embeddings"),
             metrics=_error_metrics(model_err, ref_err),
         )
+
+    # -- EMA hooks of the loop ---------------------------------------------------------------------
+    @staticmethod
+    def _trainable(model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def checkpoint_objects(self) -> list:
+        """Extra state saved in every checkpoint (and restored by ``--resume``)."""
+        return [self.ema] if self.ema is not None else []
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        if self.ema is not None:
+            self.ema.step(self._trainable(self.accelerator.unwrap_model(model)))
+
+    def finalize(self, model: nn.Module) -> None:
+        """Before the final evaluation and save: the EMA weights replace the trained ones."""
+        if self.ema is not None:
+            self.ema.copy_to(self._trainable(self.accelerator.unwrap_model(model)))
 
     # -- samples: the evaluation hook ----------------------------------------------------------------
     def sample_and_score(self, model: nn.Module, step: int) -> dict[str, float]:

@@ -243,6 +243,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
                               num_training_steps=cfg.max_steps)  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    for extra in getattr(task, "checkpoint_objects", list)():  # e.g. the diffusion EMA
+        accelerator.register_for_checkpointing(extra)
     checkpointer = Checkpointer(accelerator, out / "checkpoints", cfg.keep_checkpoints)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "scaler_skipped_steps": 0}
@@ -355,6 +357,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
                 state["scaler_skipped_steps"] += 1
             else:
                 scheduler.step()
+                if hasattr(task, "after_optimizer_step"):
+                    task.after_optimizer_step(model)
                 if grad_norm is not None:
                     step_sums["grad_norm"] = float(grad_norm) * accum
                 for k, v in step_sums.items():  # skipped steps stay out of the logged means
@@ -386,6 +390,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
             raise TrainingInterrupted(stop.signal_name or "a signal on another process", step, checkpoint)
     bar.close()
     elapsed = time.perf_counter() - t0
+    if hasattr(task, "finalize"):  # e.g. EMA weights in place of the trained ones
+        task.finalize(model)
     final_eval = evaluate(task, model, cfg, accelerator, state["step"])
     log(final_eval, state["step"])
     final = out / "final"

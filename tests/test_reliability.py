@@ -181,11 +181,12 @@ def on_training_call(monkeypatch, calls: dict[int, callable]) -> list[list[int]]
 def test_sigint_stops_at_the_step_boundary_and_resume_is_exact(tiny, tmp_path, monkeypatch):
     straight = train(config(tiny, tmp_path / "straight", "max_steps=6"))
     on_training_call(monkeypatch, {3: lambda rows: os.kill(os.getpid(), signal.SIGINT)})
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(TrainingInterrupted) as stopped:
         train(config(tiny, tmp_path / "run", "max_steps=6"))
     assert stopped.value.signal_name == "SIGINT" and stopped.value.step == 3
     assert stopped.value.checkpoint == tmp_path / "run" / "checkpoints" / "step-00000003"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are put back
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back as they were
     monkeypatch.undo()
     resumed = train(config(tiny, tmp_path / "run", "max_steps=6"), resume="latest")
     assert_same_weights(straight, resumed)

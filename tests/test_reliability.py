@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from mmpref.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, main
 from mmpref.testing import make_tiny_lm
-from mmpref.training import NonFiniteLossError, TrainingInterrupted, load_config, train
+from mmpref.training import ConfigError, NonFiniteLossError, TrainingInterrupted, load_config, train
 from mmpref.training import loop as loop_module
 from mmpref.training.checkpoint import CheckpointError, check_weights_only, find_checkpoint, verify_checkpoint
 from mmpref.training.text_task import TextTask
@@ -280,6 +280,13 @@ def test_skip_mode_skips_the_step_and_reports_the_count(tiny, tmp_path, monkeypa
     optimizer_state = torch.load(checkpoint / "optimizer.bin", weights_only=True)
     assert {int(s["step"]) for s in optimizer_state["state"].values()} == {3}
     assert torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)["last_epoch"] == 3
+
+
+def test_nonfinite_keys_are_validated(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="nonfinite: must be one of stop, skip"):
+        config(tiny, tmp_path, "nonfinite=ignore")
+    with pytest.raises(ConfigError, match="max_skipped_steps: must be >= 0"):
+        config(tiny, tmp_path, "max_skipped_steps=-1")
 
 
 def test_skip_mode_stops_past_max_skipped_steps(tiny, tmp_path, monkeypatch):

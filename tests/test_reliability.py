@@ -82,7 +82,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def cli(tiny, out: Path, *extra: str) -> list[str]:
     empty = out.parent / "empty.yaml"
     empty.write_text("{}\n")
-    return [sys.executable, "-m", "mmpref.cli", "train", str(empty), *base_overrides(tiny, out), *KILL_RUN, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mmpref.cli",
+        "train",
+        str(empty),
+        *base_overrides(tiny, out),
+        *KILL_RUN,
+        *extra,
+    ]
 
 
 def last_logged_step(out: Path) -> int:
@@ -128,7 +137,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny, straight, 
         tmp_left = sorted(p.name for p in (out / "checkpoints").glob(".tmp-*"))
         resumed_at = [line for line in stdout.splitlines() if line.startswith("resumed from")]
         kills.append((done, tmp_left, resumed_at))
-    finish = subprocess.run([*cli(tiny, out), "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    finish = subprocess.run(
+        [*cli(tiny, out), "--resume"], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert finish.returncode == 0, finish.stderr[-2000:]
     final_resume = [line for line in finish.stdout.splitlines() if line.startswith("resumed from")]
     print("kills (last logged step, leftover .tmp folders, resume line):", kills, "then", final_resume)
@@ -149,7 +160,9 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_resumes_exactly(tiny, straight,
     assert verify_checkpoint(checkpoint) == []
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
     assert not (out / "final").exists()
-    finish = subprocess.run([*cli(tiny, out), "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    finish = subprocess.run(
+        [*cli(tiny, out), "--resume"], env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert finish.returncode == 0, finish.stderr[-2000:]
     assert f"at step {step}" in finish.stdout
     assert_same_weights(straight / "final", out / "final")
@@ -252,7 +265,10 @@ def test_nonfinite_loss_stops_naming_step_and_rows(tiny, tmp_path, monkeypatch, 
     assert main(["train", str(cfg), *base_overrides(tiny, tmp_path / "run"), "max_steps=5"]) == EXIT_NONFINITE
     err = capsys.readouterr().err
     bad_row = seen[2][1]
-    assert f"step 3: non-finite log-probs of dataset rows [{bad_row}] in micro-batch 0; dataset rows {seen[2]}" in err
+    assert (
+        f"step 3: non-finite log-probs of dataset rows [{bad_row}] in micro-batch 0; dataset rows {seen[2]}"
+        in err
+    )
     assert len(seen) == 3 and not (tmp_path / "run" / "final").exists()
 
 

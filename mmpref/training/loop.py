@@ -51,7 +51,9 @@ class TrainingInterrupted(Exception):
     """SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint was saved there."""
 
     def __init__(self, signal_name: str, step: int, checkpoint: Path):
-        super().__init__(f"{signal_name} received: stopped after step {step}, checkpoint saved to {checkpoint}")
+        super().__init__(
+            f"{signal_name} received: stopped after step {step}, checkpoint saved to {checkpoint}"
+        )
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
@@ -341,8 +343,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
             problem = (f"non-finite gradient (norm {float(grad_norm)}) from a finite loss", step_rows)
         interrupted = stop.signal_name is not None
         if accelerator.num_processes > 1:  # every process takes the same decisions
-            flags = torch.tensor([problem is not None, interrupted], dtype=torch.float32, device=accelerator.device)
-            flags = accelerator.reduce(flags, "sum")
+            flags = torch.tensor([problem is not None, interrupted], dtype=torch.float32)
+            flags = accelerator.reduce(flags.to(accelerator.device), "sum")
             if problem is None and flags[0] > 0:
                 problem = ("non-finite loss or gradient on another process", step_rows)
             interrupted = bool(flags[1] > 0)
@@ -369,14 +371,16 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             means = {k: v / count for k, v in sums.items()} if count else {}
             if means:
-                means = {k: v.item() for k, v in accelerator.reduce(_tensor(means, accelerator), "mean").items()}
+                means = accelerator.reduce(_tensor(means, accelerator), "mean")
+                means = {k: v.item() for k, v in means.items()}
             means["lr"] = scheduler.get_last_lr()[0]
             if cfg.nonfinite == "skip":
                 means["skipped_steps"] = state["skipped_steps"]
             if accelerator.scaler is not None:
                 means["scaler_skipped_steps"] = state["scaler_skipped_steps"]
             bar.set_postfix(
-                loss=f"{means.get('loss', math.nan):.4f}", acc=f"{means.get('rewards/accuracies', math.nan):.2f}"
+                loss=f"{means.get('loss', math.nan):.4f}",
+                acc=f"{means.get('rewards/accuracies', math.nan):.2f}",
             )
             log(means, step)
             sums, count = {}, 0

@@ -435,3 +435,26 @@ def test_styled_images_score_higher_with_an_embedder_that_sees_the_style(tmp_pat
     assert s_styled.ci_low > s_plain.ci_high  # the intervals separate too
     comparison = compare_style(embedder, styled, plain, refs, n_resamples=200)
     assert comparison.metrics["win_rate_a_over_b"].value == 1.0
+
+
+def test_on_the_bundled_task_the_chosen_images_carry_the_style(tmp_path):
+    """data/image_style: chosen (styled) images score higher than their rejected (plain) twins against the
+    task's style references, with an embedder that sees texture (the features above, not CLIP)."""
+    import shutil
+
+    data = Path(__file__).resolve().parent.parent / "data" / "image_style"
+    rows = [json.loads(line) for line in (data / "eval.jsonl").read_text().splitlines()]
+    for side in ("chosen", "rejected"):
+        (tmp_path / side).mkdir()
+    for i, row in enumerate(rows):  # same file name on both sides: compare-style pairs them by name
+        chosen, rejected = (row["jpg_0"], row["jpg_1"]) if row["label_0"] == 1 else (row["jpg_1"], row["jpg_0"])
+        shutil.copy(data / chosen, tmp_path / "chosen" / f"{i:03d}.png")
+        shutil.copy(data / rejected, tmp_path / "rejected" / f"{i:03d}.png")
+    embedder = FeatureEmbedder(_texture_features)
+    refs = data / "style_refs"
+    chosen = evaluate_style(embedder, tmp_path / "chosen", refs, n_resamples=200).metrics["style_score"]
+    rejected = evaluate_style(embedder, tmp_path / "rejected", refs, n_resamples=200).metrics["style_score"]
+    assert chosen.n == rejected.n == len(rows) == 48
+    assert chosen.ci_low > rejected.ci_high, (chosen, rejected)
+    win = compare_style(embedder, tmp_path / "chosen", tmp_path / "rejected", refs, n_resamples=200)
+    assert win.metrics["win_rate_a_over_b"].value > 0.9

@@ -111,7 +111,7 @@ def save_images(images: Sequence[Image.Image], folder: Path, prompts: Sequence[s
             path = folder / f"{i:03d}.png"
             image.save(path)
             paths.append(path)
-            f.write(json.dumps({"file": path.name, "prompt": prompt}) + "\n")
+            f.write(json.dumps({"file_name": path.name, "prompt": prompt}) + "\n")
     return paths
 
 

@@ -31,9 +31,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from mmpref.testing import MAKERS
+    from mmpref.testing import MAKERS, pretrain_tiny_unet
+    from mmpref.training.config import ConfigError
 
-    path = MAKERS[args.kind](args.out_dir, seed=args.seed)
+    if args.pretrain_on is None:
+        path = MAKERS[args.kind](args.out_dir, seed=args.seed)
+    else:  # a tiny SD 1.5 whose UNet already denoises the task's images: a reference worth aligning
+        import tempfile
+
+        if args.kind != "sd15":
+            raise ConfigError("--pretrain-on: only for make-tiny sd15")
+        with tempfile.TemporaryDirectory() as tmp:
+            random_init = MAKERS["sd15"](Path(tmp) / "sd15", seed=args.seed)
+            path = pretrain_tiny_unet(random_init, args.pretrain_on, args.out_dir, seed=args.seed)
     print(f"tiny {args.kind} written to {path}")
     return 0
 
@@ -53,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["lm", "sd15", "sdxl", "clip"])
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-on", type=Path, default=None, metavar="DATASET",
+                   help="sd15: train the UNet on plain denoising of this image dataset's images (400 steps)")  # fmt: skip
     p.set_defaults(func=_make_tiny)
 
     from mmpref.training.sampling import add_sample_command

@@ -20,7 +20,7 @@ from mmpref.adapters.diffusion import (
 from mmpref.data import DataError
 from mmpref.data.image_task import make_image_style_task
 from mmpref.data.images import clip_embeddings, pair_pixels, prepare_image_dataset
-from mmpref.testing import make_tiny_clip, make_tiny_sd15, make_tiny_sdxl, pretrain_tiny_unet
+from mmpref.testing import make_tiny_clip, make_tiny_sd15, make_tiny_sdxl
 from mmpref.training import ConfigError, load_config, train
 from mmpref.training.config import LossConfig, RPOConfig
 from mmpref.training.diffusion_task import DiffusionTask
@@ -350,7 +350,11 @@ def style_task(tmp_path_factory):
 def denoiser(tiny, style_task, tmp_path_factory):
     """The tiny SD 1.5 with its UNet pretrained on plain denoising of the task's images (chosen and rejected
     alike): a neutral reference that already denoises, as SD 1.5 does for real preference runs."""
-    return pretrain_tiny_unet(tiny["sd15"], style_task[0], tmp_path_factory.mktemp("denoiser"), steps=400)
+    from mmpref.cli import main
+
+    out = tmp_path_factory.mktemp("denoiser")
+    assert main(["make-tiny", "sd15", str(out), "--pretrain-on", str(style_task[0])]) == 0  # pretrain_tiny_unet
+    return out
 
 
 # Measured on 2 CPU cores (seeds 0 and 1, same data): held-out accuracy 0.50 before; after 150 steps

@@ -28,14 +28,7 @@ from mmpref.training import load_config, train
 from mmpref.training.config import LossConfig, RPOConfig
 from mmpref.training.objective import Rows, preference_loss
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is ~40x faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from mmpref.training.config import TrainConfig
 PACKAGE = Path(__file__).resolve().parent.parent / "mmpref"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

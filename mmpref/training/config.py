@@ -228,6 +228,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not 0 <= cfg.diffusion.ema_decay < 1:
         raise ConfigError(f"diffusion.ema_decay: must be in [0, 1), got {cfg.diffusion.ema_decay!r}")
     sc = cfg.samples
+    if sc.style_refs and not (sc.clip_model or cfg.rpo.clip_model):
+        raise ConfigError("samples.clip_model: needed to score samples against samples.style_refs "
+                          "(an open_clip name with samples.clip_weights, or local-dir:FOLDER)")  # fmt: skip
     if sc.style_names and sc.style_target not in sc.style_names:
         raise ConfigError(f"samples.style_target: must be one of samples.style_names, got {sc.style_target!r}")
     if not 0 <= cfg.eval_split < 1:

@@ -425,10 +425,7 @@ class DiffusionTask:
         if not sc.style_refs:
             return {}
         if self._embedder is None:
-            model = sc.clip_model or self.cfg.rpo.clip_model
-            if not model:
-                raise ConfigError("samples.clip_model: needed to score samples against samples.style_refs "
-                                  "(or set rpo.clip_model)")  # fmt: skip
+            model = sc.clip_model or self.cfg.rpo.clip_model  # one of them is set (config validation)
             weights = sc.clip_weights if sc.clip_model else self.cfg.rpo.clip_weights
             self._embedder = ClipEmbedder(model, weights, device=self.accelerator.device, progress=False,
                                           cache_dir=Path(self.cfg.output_dir) / "cache" / "clip")  # fmt: skip

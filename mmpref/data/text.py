@@ -27,14 +27,15 @@ import os
 import re
 import tempfile
 import unicodedata
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import torch
-from datasets.table import InMemoryTable
 
 logger = logging.getLogger(__name__)
 
@@ -69,22 +70,33 @@ class BadRow:
 
 @dataclass
 class TextDataset:
-    """A validated dataset, its format, and how many bad rows were skipped to get it."""
+    """A validated dataset, its format, and how many bad rows were skipped to get it.
+
+    ``row_numbers[i]`` is the 0-based row of the source file that ``dataset[i]`` came from (skipped rows
+    leave gaps), so messages during training name rows as the file numbers them.
+    """
 
     dataset: datasets.Dataset
     format: str
     skipped: int
     source: Path
+    row_numbers: Sequence[int]
 
 
 # ----------------------------------------------------------------------------------------- loading
 
+ROWS_PER_BATCH = 1000  # rows parsed, written and checked at a time: memory stays flat in dataset size
+READER_VERSION = b"mmpref-rows-1"  # part of every Arrow cache key: a change to the reader makes new entries
 
-def load_rows(path: str | Path) -> datasets.Dataset:
-    """Load a local JSON Lines / Parquet file or a ``save_to_disk`` folder into memory.
 
-    Nothing goes through the hub or the datasets cache: files are read directly, so a bad line is
-    reported with its line number instead of an Arrow traceback.
+def load_rows(path: str | Path, *, cache_dir: str | Path | None = None) -> datasets.Dataset:
+    """A local JSON Lines / Parquet file or a ``save_to_disk`` folder as a memory-mapped Arrow dataset.
+
+    Files are streamed, :data:`ROWS_PER_BATCH` rows at a time, into an Arrow file in ``cache_dir``
+    (default: ``.mmpref_cache`` beside the file) named by a hash of the file's bytes, so an edited
+    file makes a new entry and an unchanged one is not read again. JSON is parsed with the standard
+    library, so a bad line is reported with its line number instead of an Arrow traceback. Nothing
+    goes through the hub or the ``datasets`` cache.
     """
     path = Path(path)
     if not path.exists():
@@ -92,16 +104,69 @@ def load_rows(path: str | Path) -> datasets.Dataset:
     if path.is_dir():
         return _load_saved(path)
     suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
-        return _load_json(path)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    if suffix not in (*JSON_SUFFIXES, ".parquet"):
+        raise DataError(f"{path}: unknown file type {suffix or '(no extension)'!r}; expected {ACCEPTED_SOURCES}")
+    cached = _arrow_cache_file(path, cache_dir)
+    if not cached.is_file():
+        if suffix == ".parquet":
+            schema, tables = _parquet_tables(path)
+        else:
+            schema = _json_schema(path)
+            tables = _json_tables(path, schema)
+        _write_arrow(cached, schema, tables)
+    return datasets.Dataset.from_file(str(cached))
 
+
+def _arrow_cache_file(source: Path, cache_dir: str | Path | None) -> Path:
+    """Where the Arrow copy of ``source`` lives: keyed by the file's bytes, never by its name or mtime."""
+    digest = hashlib.sha256(READER_VERSION)
+    with open(source, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    folder = Path(cache_dir) if cache_dir is not None else source.parent / ".mmpref_cache"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if not os.access(folder, os.W_OK):  # a read-only dataset folder: the key makes a shared folder safe
+        folder = Path(tempfile.gettempdir()) / "mmpref_cache"
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"rows-{digest.hexdigest()[:32]}.arrow"
+
+
+def _write_arrow(target: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
+    """Stream ``tables`` into an Arrow file: temp file + os.replace, so no half-written file is trusted."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp_", suffix=".arrow")
+    os.close(fd)
+    try:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for table in tables:
+                writer.write_table(table)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _parquet_tables(path: Path) -> tuple[pa.Schema, Iterator[pa.Table]]:
+    import pyarrow.parquet as pq
+
+    def unreadable(exc: Exception) -> DataError:
+        return DataError(f"{path}: not a readable Parquet file ({exc})")
+
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
+        raise unreadable(exc) from exc
+
+    def tables() -> Iterator[pa.Table]:
         try:
-            return datasets.Dataset(InMemoryTable(pq.read_table(path)))
-        except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-            raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
-    raise DataError(f"{path}: unknown file type {suffix or '(no extension)'!r}; expected {ACCEPTED_SOURCES}")
+            for batch in file.iter_batches(batch_size=ROWS_PER_BATCH):
+                yield pa.Table.from_batches([batch])
+        except Exception as exc:  # a truncated column chunk shows only when it is read
+            raise unreadable(exc) from exc
+
+    return file.schema_arrow, tables()
 
 
 def _load_saved(path: Path) -> datasets.Dataset:
@@ -120,70 +185,114 @@ def _load_saved(path: Path) -> datasets.Dataset:
     return loaded
 
 
-def _load_json(path: Path) -> datasets.Dataset:
-    """Parse with the stdlib (exact line numbers), then build columns from the union of all keys."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x}); save the file as UTF-8"
-        ) from exc
-    if text.lstrip().startswith("["):  # a .json file holding one array of objects
+def _json_records(path: Path) -> tuple[str, Iterator[tuple[int, dict[str, Any]]]]:
+    """``("line", (line number, object) ...)`` for JSON Lines, ``("item", ...)`` for one JSON array.
+
+    JSON Lines is read line by line; an array file (a rarer, smaller format) is parsed whole.
+    """
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    if first.lstrip().startswith(b"["):
+        text = _utf8(path, path.read_bytes())
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-        numbered = [(i + 1, r) for i, r in enumerate(records)]
-        where = "item"
-    else:
-        numbered = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        return "item", _objects(path, "item", enumerate(records, start=1))
+    return "line", _objects(path, "line", _json_lines(path))
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _utf8(path, raw, lineno)
             if not line.strip():
                 continue
             try:
-                numbered.append((lineno, json.loads(line)))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})"
                 ) from exc
-        where = "line"
+
+
+def _utf8(path: Path, raw: bytes, lineno: int = 1) -> str:
+    """``raw`` decoded; not UTF-8 is an error naming the line (``lineno`` is that of ``raw``'s start)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = lineno + raw[: exc.start].count(b"\n")
+        raise DataError(
+            f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#04x}); save the file as UTF-8"
+        ) from exc
+
+
+def _objects(path: Path, where: str, numbered: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, dict]]:
     for n, record in numbered:
         if not isinstance(record, dict):
             raise DataError(f"{path}: {where} {n} is a JSON {type(record).__name__}, expected an object")
-    for n, record in numbered:  # Arrow cannot store a lone surrogate: name it before it fails
+        yield n, record
+
+
+def _json_schema(path: Path) -> pa.Schema:
+    """First pass: check every record and infer the columns' Arrow types, batch by batch.
+
+    Keys missing from early rows still become columns; a value Arrow cannot store (a lone surrogate,
+    a column whose JSON types differ) is named by its row and line.
+    """
+    where, records = _json_records(path)
+    keys: dict[str, None] = {}  # every key, in first-seen order
+    first_kind: dict[str, tuple[int, int, str]] = {}  # column -> (row, number, JSON type) of its first value
+    schema, batch, numbers = pa.schema([]), [], []
+    for row, (n, record) in enumerate(records):
         for key, value in record.items():
-            if (problem := _surrogate_problem(value)) is not None:
+            keys.setdefault(key)
+            if (problem := _surrogate_problem(value)) is not None:  # Arrow cannot store it: name it first
                 raise DataError(f"{path}: {where} {n}: {key!r} {problem}")
-    keys = list(dict.fromkeys(k for _, r in numbered for k in r))
-    columns = {k: [r.get(k) for _, r in numbered] for k in keys}
-    try:
-        return datasets.Dataset.from_dict(columns)
-    except (TypeError, ValueError) as exc:  # pyarrow's ArrowTypeError/ArrowInvalid subclass these
-        raise DataError(f"{path}: {_mixed_types(columns, [n for n, _ in numbered], where) or exc}") from exc
-
-
-def _mixed_types(columns: dict[str, list[Any]], numbers: list[int], where: str) -> str | None:
-    """Name the first value whose JSON type differs from its column's first one (Arrow needs one type)."""
-    for name, values in columns.items():
-        first: tuple[int, str] | None = None
-        for row, value in enumerate(values):
             if value is None:
                 continue
-            kind = (
-                "number"
-                if isinstance(value, (int, float)) and not isinstance(value, bool)
-                else type(value).__name__
-            )
-            if first is None:
-                first = (row, kind)
-            elif kind != first[1]:
-                return (
-                    f"column {name!r} mixes types: row {first[0]} ({where} {numbers[first[0]]}) holds a {first[1]}, "
-                    f"row {row} ({where} {numbers[row]}) a {kind}; every row needs the same type"
+            kind = _json_kind(value)
+            first = first_kind.setdefault(key, (row, n, kind))
+            if kind != first[2]:
+                raise DataError(
+                    f"{path}: column {key!r} mixes types: row {first[0]} ({where} {first[1]}) holds a {first[2]}, "
+                    f"row {row} ({where} {n}) a {kind}; every row needs the same type"
                 )
-    return None
+        batch.append(record)
+        numbers.append(n)
+        if len(batch) == ROWS_PER_BATCH:
+            schema = _widen(path, where, schema, batch, numbers, keys)
+            batch, numbers = [], []
+    if batch:
+        schema = _widen(path, where, schema, batch, numbers, keys)
+    return pa.schema([schema.field(k) for k in keys])
+
+
+def _json_kind(value: Any) -> str:
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def _widen(
+    path: Path, where: str, schema: pa.Schema, batch: list[dict], numbers: list[int], keys: Iterable[str]
+) -> pa.Schema:
+    """``schema`` widened to hold ``batch`` too (null → any type, int → float, new struct fields)."""
+    try:
+        found = pa.schema([(k, pa.array([r.get(k) for r in batch]).type) for k in keys])
+        return pa.unify_schemas([schema, found], promote_options="permissive")
+    except (TypeError, ValueError, OverflowError) as exc:  # ArrowTypeError/ArrowInvalid subclass the first two
+        raise DataError(f"{path}: {where}s {numbers[0]} to {numbers[-1]}: {exc}") from exc
+
+
+def _json_tables(path: Path, schema: pa.Schema) -> Iterator[pa.Table]:
+    """Second pass: the records as Arrow tables of :data:`ROWS_PER_BATCH` rows, all of ``schema``."""
+    batch = []
+    for _, record in _json_records(path)[1]:
+        batch.append(record)
+        if len(batch) == ROWS_PER_BATCH:
+            yield pa.Table.from_pylist(batch, schema=schema)
+            batch = []
+    if batch:
+        yield pa.Table.from_pylist(batch, schema=schema)
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -209,23 +318,34 @@ def detect_format(columns: Iterable[str]) -> str:
 def validate_rows(ds: datasets.Dataset, fmt: str) -> list[BadRow]:
     """Every bad row of ``ds`` (one entry per row, all its problems joined by "; ").
 
-    A plain Python pass over the columns: fast enough for 100k rows, and it runs before training
-    so a bad row costs seconds, not a crashed run.
+    One pass, :data:`ROWS_PER_BATCH` rows at a time: fast enough for 100k rows, flat in memory, and
+    it runs before training so a bad row costs seconds, not a crashed run.
     """
     if fmt not in ("paired", "unpaired"):
         raise ValueError(f"fmt must be 'paired' or 'unpaired', got {fmt!r}")
     text_cols = ("prompt", "chosen", "rejected") if fmt == "paired" else ("prompt", "completion")
     scores = [c for c in SCORE_COLUMNS if fmt == "paired" and c in ds.column_names]
+    scores = [c for c in scores if _has_values(ds, c)]  # an all-null column counts as absent
     wanted = [*text_cols, *([] if fmt == "paired" else ["label"]), *scores]
-    cols = ds.select_columns(wanted).to_dict()
-    scores = [c for c in scores if any(v is not None for v in cols[c])]  # an all-null column counts as absent
-
     bad = []
-    for i in range(ds.num_rows):
-        reasons = row_problems({c: cols[c][i] for c in wanted}, fmt, scores)
-        if reasons:
+    for i, row in enumerate(iter_rows(ds.select_columns(wanted))):
+        if reasons := row_problems(row, fmt, scores):
             bad.append(BadRow(i, "; ".join(reasons)))
     return bad
+
+
+def iter_rows(ds: datasets.Dataset) -> Iterator[dict[str, Any]]:
+    """The rows of ``ds`` as dicts, read :data:`ROWS_PER_BATCH` at a time (never the whole dataset)."""
+    for batch in ds.iter(batch_size=ROWS_PER_BATCH):
+        names = list(batch)
+        for values in zip(*batch.values()):
+            yield dict(zip(names, values))
+
+
+def _has_values(ds: datasets.Dataset, column: str) -> bool:
+    """Whether any row holds a value in ``column``: Arrow null counts, no Python objects."""
+    arrow = ds.select_columns([column]).with_format("arrow")
+    return any(b.column(0).null_count < b.num_rows for b in arrow.iter(batch_size=ROWS_PER_BATCH * 100))
 
 
 def row_problems(row: dict[str, Any], fmt: str, score_columns: Sequence[str] = ()) -> list[str]:
@@ -326,16 +446,18 @@ def bad_rows_error(source: Path, bad: list[BadRow], total: int) -> DataError:
     )
 
 
-def prepare_text_dataset(path: str | Path, *, on_bad_rows: str = "error") -> TextDataset:
+def prepare_text_dataset(
+    path: str | Path, *, on_bad_rows: str = "error", cache_dir: str | Path | None = None
+) -> TextDataset:
     """Load, detect the format and validate: the one call a trainer makes before step 0.
 
     ``on_bad_rows="error"`` stops with a message listing the bad rows; ``"skip"`` drops them and
-    logs how many, so nothing disappears without a trace.
+    logs how many, so nothing disappears without a trace. ``cache_dir``: see :func:`load_rows`.
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
     source = Path(path)
-    ds = load_rows(source)
+    ds = load_rows(source, cache_dir=cache_dir)
     try:
         fmt = detect_format(ds.column_names)
     except DataError as exc:
@@ -345,9 +467,11 @@ def prepare_text_dataset(path: str | Path, *, on_bad_rows: str = "error") -> Tex
     bad = validate_rows(ds, fmt)
     if bad and on_bad_rows == "error":
         raise bad_rows_error(source, bad, ds.num_rows)
+    row_numbers: Sequence[int] = range(ds.num_rows)
     if bad:
         drop = {b.row for b in bad}
-        ds = ds.select([i for i in range(ds.num_rows) if i not in drop])
+        row_numbers = array("q", (i for i in range(ds.num_rows) if i not in drop))
+        ds = ds.select(row_numbers, keep_in_memory=True)  # an index over the Arrow file, no cache file
         logger.warning(
             "%s: skipped %d of %d bad rows (on_bad_rows=skip); first: %s",
             source,
@@ -359,7 +483,7 @@ def prepare_text_dataset(path: str | Path, *, on_bad_rows: str = "error") -> Tex
             raise DataError(f"{source}: every row is bad, nothing left to train on; first: {bad[0]}")
     if fmt == "unpaired" and ds.features["label"] != datasets.Value("bool"):
         ds = ds.cast_column("label", datasets.Value("bool"))  # 0/1 ints were accepted above
-    return TextDataset(dataset=ds, format=fmt, skipped=len(bad), source=source)
+    return TextDataset(dataset=ds, format=fmt, skipped=len(bad), source=source, row_numbers=row_numbers)
 
 
 # -------------------------------------------------------------------------------- prompt embeddings

@@ -7,9 +7,10 @@ import json
 import logging
 import os
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from mmpref.adapters.causal_lm import TokenizedRow, collate, response_logps, tokenize_row
 from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
+from mmpref.data.text import iter_rows
 from mmpref.training.config import ConfigError, TrainConfig, custom_code_guard
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
@@ -45,6 +47,7 @@ class PackedRows(Sequence[TokenizedRow]):
     def __init__(self) -> None:
         self._ids = array("i")
         self._starts = array("q", [0])  # start of every span (prompt, then each response), plus the end
+        self._numbers = array("q")  # each row's number in its source file, to name it in messages
         self._spans_per_row = 0
 
     def append(self, row: TokenizedRow) -> None:
@@ -57,6 +60,7 @@ class PackedRows(Sequence[TokenizedRow]):
         for ids in spans:
             self._ids.extend(ids)
             self._starts.append(len(self._ids))
+        self._numbers.append(row.index)
 
     def __len__(self) -> int:
         return (len(self._starts) - 1) // max(1, self._spans_per_row)
@@ -68,44 +72,48 @@ class PackedRows(Sequence[TokenizedRow]):
         first = i * self._spans_per_row
         spans = [self._ids[self._starts[k] : self._starts[k + 1]].tolist()
                  for k in range(first, first + self._spans_per_row)]  # fmt: skip
-        return TokenizedRow(index=i, prompt=spans[0], responses=spans[1:])
+        return TokenizedRow(index=self._numbers[i], prompt=spans[0], responses=spans[1:])
 
 
 class _Split:
     """One dataset split, tokenized, with everything a batch needs besides the model.
 
-    ``rows`` is read once, row by row (a ``datasets.Dataset`` stays in Arrow memory); only the token
-    ids (packed), labels, scores and prompt embeddings are kept.
+    ``rows`` is read once, a batch of rows at a time (the ``datasets.Dataset`` stays in its memory-mapped
+    Arrow file); only the token ids (packed), labels, scores and prompt embeddings are kept.
+    ``row_numbers[i]`` is the source file's number of ``rows[i]``, the ``row_index`` of messages.
     """
 
-    def __init__(self, task: TextTask, data: TextDataset, rows: Iterable[dict], name: str):
+    def __init__(
+        self, task: TextTask, data: TextDataset, rows: datasets.Dataset, row_numbers: Sequence[int], name: str
+    ):
         cfg, tok = task.cfg, task.tokenizer
         self.name, self.format = name, data.format
         paired = data.format == "paired"
         want_embeddings = cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal"
         self.rows = PackedRows()
-        labels, scores, prompts = [], [], []
+        labels, scores, prompts = array("b"), array("d"), []
         digest = hashlib.sha256(b"[")  # = sha256(json.dumps([[prompt, responses], ...])), row by row
-        for i, r in enumerate(rows):
+        has_scores = paired and all(c in rows.column_names for c in ("score_chosen", "score_rejected"))
+        for i, r in enumerate(iter_rows(rows)):
             row = tokenize_row(
-                tok, i, r["prompt"], [r["chosen"], r["rejected"]] if paired else [r["completion"]],
+                tok, row_numbers[i], r["prompt"], [r["chosen"], r["rejected"]] if paired else [r["completion"]],
                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                 truncation_mode=cfg.truncation_mode,
             )  # fmt: skip
             self.rows.append(row)
             digest.update(((", " if i else "") + json.dumps([row.prompt, row.responses])).encode())
-            if paired:
-                scores.append((r.get("score_chosen"), r.get("score_rejected")))
-            else:
+            if has_scores and r["score_chosen"] is not None:  # validated: every row has them, or none
+                scores.extend((r["score_chosen"], r["score_rejected"]))
+            if not paired:
                 labels.append(bool(r["label"]))
             if want_embeddings:
                 prompts.append(prompt_text(r["prompt"]))
         digest.update(b"]")
         self.key = digest.hexdigest()[:16]
-        self.labels = None if paired else torch.tensor(labels)
+        self.labels = None if paired else torch.tensor(labels, dtype=torch.bool)
         self.scores = None
-        if scores and all(chosen is not None for chosen, _ in scores):
-            self.scores = torch.tensor(scores, dtype=torch.float32)
+        if scores and len(scores) == 2 * len(self.rows):
+            self.scores = torch.tensor(scores, dtype=torch.float32).view(-1, 2)
         self.embeddings = None
         if want_embeddings:
             self.embeddings = prompt_embeddings(
@@ -146,25 +154,32 @@ class TextTask:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
         train = prepare_text_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows)
-        train_rows = train.dataset  # rows are read one at a time while tokenizing, not copied to Python
+        # rows are read a batch at a time while tokenizing, not copied to Python
+        train_rows, train_numbers = train.dataset, train.row_numbers
+        eval_rows: datasets.Dataset | None = None
         if cfg.eval_dataset:
             evald = prepare_text_dataset(cfg.eval_dataset, on_bad_rows=cfg.on_bad_rows)
-            eval_rows = evald.dataset
+            eval_rows, eval_numbers = evald.dataset, evald.row_numbers
         else:
-            evald, eval_rows = train, []
+            evald = train
             if cfg.eval_split:
                 order = torch.randperm(
                     len(train_rows), generator=torch.Generator().manual_seed(cfg.seed)
                 ).tolist()
                 n_eval = max(1, int(len(train_rows) * cfg.eval_split))
-                eval_rows = train_rows.select(order[:n_eval])
-                train_rows = train_rows.select(sorted(order[n_eval:]))
+                eval_order, train_order = order[:n_eval], sorted(order[n_eval:])
+                eval_rows = train_rows.select(eval_order, keep_in_memory=True)
+                eval_numbers = array("q", (train_numbers[i] for i in eval_order))
+                train_rows = train_rows.select(train_order, keep_in_memory=True)
+                train_numbers = array("q", (train_numbers[i] for i in train_order))
         if cfg.loss.type != "rpo" and train.format == "unpaired":
             raise ConfigError(
                 "loss.type: unpaired data (prompt, completion, label) trains with loss.type=rpo"
             )
-        self.train = _Split(self, train, train_rows, "train")
-        self.eval = _Split(self, evald, eval_rows, "eval") if len(eval_rows) else None
+        self.train = _Split(self, train, train_rows, train_numbers, "train")
+        self.eval = None
+        if eval_rows is not None and len(eval_rows):
+            self.eval = _Split(self, evald, eval_rows, eval_numbers, "eval")
 
         self.reference: nn.Module | None = None
         if not self.reference_free:

@@ -275,3 +275,63 @@ def test_bundled_eval_prompts_are_new():
     train = set(load_rows(REPO / "data" / "text_rules" / "train.jsonl")["prompt"][:])
     evaluation = set(load_rows(REPO / "data" / "text_rules" / "eval.jsonl")["prompt"][:])
     assert len(evaluation) == 100 and not train & evaluation
+
+
+# ------------------------------------------------------------------------------- streaming, Arrow
+
+
+def test_columns_and_types_settle_over_every_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(text_mod, "ROWS_PER_BATCH", 2)  # so each case below spans batches
+    rows = [
+        {"prompt": "p0", "chosen": "a", "rejected": "b", "score_chosen": None, "score_rejected": 1},
+        {"prompt": "p1", "chosen": "a", "rejected": "b", "score_chosen": None, "score_rejected": 2},
+        {"prompt": "p2", "chosen": "a", "rejected": "b", "score_chosen": 0.5, "score_rejected": 2.5},
+        {"prompt": "p3", "chosen": "a", "rejected": "b", "topic": "late key"},
+        {"prompt": "p4", "chosen": [{"role": "assistant", "content": "hi"}], "rejected": "b"},
+    ]
+    mixed = r"'chosen' mixes types: row 0 \(line 1\) holds a str, row 4 \(line 5\) a list"
+    with pytest.raises(DataError, match=mixed):
+        load_rows(write_jsonl(tmp_path / "mixed.jsonl", rows))
+    ds = load_rows(write_jsonl(tmp_path / "d.jsonl", rows[:4]))
+    assert ds.column_names == ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "topic"]
+    assert ds["score_rejected"][:] == [1.0, 2.0, 2.5, None] and ds["topic"][:] == [None] * 3 + ["late key"]
+
+
+def test_rows_live_in_an_arrow_file_keyed_by_the_file_bytes(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", PAIRED)
+    ds = load_rows(path)
+    (arrow,) = (tmp_path / ".mmpref_cache").glob("rows-*.arrow")
+    assert [f["filename"] for f in ds.cache_files] == [str(arrow)]  # memory-mapped, not copied to RAM
+
+    def forbidden(*args):
+        raise AssertionError("an unchanged file should not be parsed again")
+
+    monkeypatch.setattr(text_mod, "_json_schema", forbidden)
+    assert load_rows(path).to_list() == PAIRED
+    monkeypatch.undo()
+    write_jsonl(path, PAIRED[::-1])  # same name, new content: a new entry, never the stale one
+    assert load_rows(path).to_list() == PAIRED[::-1]
+    assert len(list((tmp_path / ".mmpref_cache").glob("rows-*.arrow"))) == 2
+    assert not list((tmp_path / ".mmpref_cache").glob(".tmp_*"))
+
+
+def test_skipped_rows_keep_their_source_row_numbers(tmp_path):
+    rows = [{**GOOD, "prompt": f"p{i}"} for i in range(6)]
+    rows[1]["chosen"] = rows[1]["rejected"]
+    rows[4]["prompt"] = " "
+    result = prepare_text_dataset(write_jsonl(tmp_path / "d.jsonl", rows), on_bad_rows="skip")
+    assert list(result.row_numbers) == [0, 2, 3, 5]
+    assert [result.dataset[k]["prompt"] for k in range(4)] == ["p0", "p2", "p3", "p5"]
+    clean = prepare_text_dataset(write_jsonl(tmp_path / "clean.jsonl", rows[:1]))
+    assert list(clean.row_numbers) == [0]
+
+
+def test_parquet_is_streamed_batch_by_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(text_mod, "ROWS_PER_BATCH", 1)
+    rows = [{**GOOD, "prompt": f"p{i}"} for i in range(3)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    result = prepare_text_dataset(tmp_path / "d.parquet")
+    assert result.dataset.to_list() == rows and result.dataset.cache_files
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "d.parquet").read_bytes()[:-40])
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_rows(tmp_path / "cut.parquet")

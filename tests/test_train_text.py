@@ -187,3 +187,42 @@ def test_shipped_text_configs_run(name, tiny, tmp_path):
     assert (final / "model.safetensors").is_file()
     last = metrics(tmp_path)[-1]
     assert 0.0 <= last["eval/rewards/accuracies"] <= 1.0 and math.isfinite(last["eval/loss"])
+
+
+def test_row_index_is_the_row_number_in_the_source_file(tiny, tmp_path):
+    """Skipped bad rows and an eval split leave gaps: training messages name rows as the file does."""
+    from accelerate import Accelerator
+
+    from mmpref.adapters.causal_lm import tokenize_row
+
+    model, data = tiny
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:10]
+    for bad in (1, 4):
+        rows[bad]["chosen"] = rows[bad]["rejected"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config((model, path), tmp_path / "run", "on_bad_rows=skip", "eval_split=0.25")
+    task = text_task_module.TextTask(cfg, Accelerator(cpu=True))
+    numbered = {}
+    for split in (task.train, task.eval):
+        for k in range(len(split)):
+            row = split.rows[k]
+            n = row.index
+            expected = tokenize_row(task.tokenizer, n, rows[n]["prompt"], [rows[n]["chosen"], rows[n]["rejected"]],
+                                    max_length=64, max_prompt_length=32, truncation_mode=cfg.truncation_mode)  # fmt: skip
+            assert row == expected, n
+            numbered[n] = split.name
+    assert sorted(numbered) == [0, 2, 3, 5, 6, 7, 8, 9] and list(numbered.values()).count("eval") == 2
+    batch = task.collate_train(list(range(len(task.train))))
+    assert batch["row_index"].tolist() == [task.train.rows[k].index for k in range(len(task.train))]
+
+
+def test_packed_rows_widen_past_uint16_and_keep_row_numbers():
+    from mmpref.adapters.causal_lm import TokenizedRow
+
+    rows = [TokenizedRow(index=7, prompt=[1, 2], responses=[[3], [4, 5]]),
+            TokenizedRow(index=9, prompt=[100_000, 2], responses=[[3], [65_536]])]  # fmt: skip
+    packed = text_task_module.PackedRows()
+    for row in rows:
+        packed.append(row)
+    assert list(packed) == rows

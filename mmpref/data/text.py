@@ -7,7 +7,8 @@ Two formats are accepted (DESIGN §7):
 
 Text fields are strings or chat messages (lists of ``{"role", "content"}`` dicts). Bad rows are
 reported with their 0-based row number before any training starts; they are either an error or
-skipped with a logged count, never dropped silently. Row numbers are 0-based everywhere; JSON Lines
+skipped with a logged count, never dropped silently. Files are streamed into a memory-mapped Arrow
+file and checked a batch of rows at a time, so memory does not grow with the dataset. Row numbers are 0-based everywhere; JSON Lines
 parse errors name the 1-based line of the file, as editors do.
 
 Unicode: any valid text is accepted (emoji, right-to-left scripts, zero-width joiners inside words).
@@ -105,7 +106,8 @@ def load_rows(path: str | Path, *, cache_dir: str | Path | None = None) -> datas
         return _load_saved(path)
     suffix = path.suffix.lower()
     if suffix not in (*JSON_SUFFIXES, ".parquet"):
-        raise DataError(f"{path}: unknown file type {suffix or '(no extension)'!r}; expected {ACCEPTED_SOURCES}")
+        kind = suffix or "(no extension)"
+        raise DataError(f"{path}: unknown file type {kind!r}; expected {ACCEPTED_SOURCES}")
     cached = _arrow_cache_file(path, cache_dir)
     if not cached.is_file():
         if suffix == ".parquet":
@@ -119,7 +121,7 @@ def load_rows(path: str | Path, *, cache_dir: str | Path | None = None) -> datas
 
 def _arrow_cache_file(source: Path, cache_dir: str | Path | None) -> Path:
     """Where the Arrow copy of ``source`` lives: keyed by the file's bytes, never by its name or mtime."""
-    digest = hashlib.sha256(READER_VERSION)
+    digest = hashlib.sha256(READER_VERSION + source.suffix.lower().encode())  # the suffix picks the reader
     with open(source, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -269,7 +271,9 @@ def _json_schema(path: Path) -> pa.Schema:
 
 
 def _json_kind(value: Any) -> str:
-    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"  # ints and floats share an Arrow column (as floats)
+    return type(value).__name__
 
 
 def _widen(
@@ -279,7 +283,7 @@ def _widen(
     try:
         found = pa.schema([(k, pa.array([r.get(k) for r in batch]).type) for k in keys])
         return pa.unify_schemas([schema, found], promote_options="permissive")
-    except (TypeError, ValueError, OverflowError) as exc:  # ArrowTypeError/ArrowInvalid subclass the first two
+    except (TypeError, ValueError, OverflowError) as exc:  # ArrowTypeError and ArrowInvalid among them
         raise DataError(f"{path}: {where}s {numbers[0]} to {numbers[-1]}: {exc}") from exc
 
 

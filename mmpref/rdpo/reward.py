@@ -228,7 +228,7 @@ def _rows_with_ids(path: str, on_bad_rows: str = "error") -> list[dict[str, Any]
         raise bad_rows_error(Path(path), bad, ds.num_rows)
     if bad:
         logger.warning("%s: not scoring %d bad rows (on_bad_rows=skip); first: %s", path, len(bad), bad[0])
-        ds = ds.select(sorted(set(range(ds.num_rows)) - {b.row for b in bad}))
+        ds = ds.select(sorted(set(range(ds.num_rows)) - {b.row for b in bad}), keep_in_memory=True)
     rows = ds.to_list()
     seen: set[str] = set()
     for i, row in enumerate(rows):

@@ -38,14 +38,14 @@ def fingerprint(folder: str | Path) -> str:
 
 
 class PackedRows(Sequence[TokenizedRow]):
-    """Tokenized rows in one flat int32 buffer plus span offsets; ``rows[i]`` gives a TokenizedRow.
+    """Tokenized rows in one flat buffer plus span offsets; ``rows[i]`` gives a TokenizedRow.
 
-    4 bytes a token instead of ~36 for a Python int in a list, so 50k rows of a few hundred tokens
-    take tens of MiB, not a GiB (``benchmarks/data_memory.py``).
+    2 bytes a token (4 once an id exceeds 65535) instead of ~36 for a Python int in a list, so 50k
+    rows of a few hundred tokens take tens of MiB, not a GiB (``benchmarks/data_memory.py``).
     """
 
     def __init__(self) -> None:
-        self._ids = array("i")
+        self._ids = array("H")  # uint16: every id of a vocabulary up to 65536 tokens
         self._starts = array("q", [0])  # start of every span (prompt, then each response), plus the end
         self._numbers = array("q")  # each row's number in its source file, to name it in messages
         self._spans_per_row = 0
@@ -58,9 +58,18 @@ class PackedRows(Sequence[TokenizedRow]):
                 f"row {row.index}: {len(spans) - 1} responses, the others have {self._spans_per_row - 1}"
             )
         for ids in spans:
-            self._ids.extend(ids)
+            self._extend(ids)
             self._starts.append(len(self._ids))
         self._numbers.append(row.index)
+
+    def _extend(self, ids: list[int]) -> None:
+        size = len(self._ids)
+        try:
+            self._ids.extend(ids)
+        except OverflowError:  # an id past uint16: widen the whole buffer to int32, once
+            del self._ids[size:]
+            self._ids = array("i", self._ids)
+            self._ids.extend(ids)
 
     def __len__(self) -> int:
         return (len(self._starts) - 1) // max(1, self._spans_per_row)

@@ -108,7 +108,8 @@ HOW_TO_FIX = {"row": "Fix them, or set `on_bad_rows: skip`"}
 
 
 def test_corpus_has_a_case_for_every_file():
-    assert sorted([*TEXT_CASES, "unicode_valid.jsonl"]) == sorted(p.name for p in (BAD / "text").glob("*"))
+    corpus = (p.name for p in (BAD / "text").glob("*") if p.name != ".mmpref_cache")  # Arrow copies
+    assert sorted([*TEXT_CASES, "unicode_valid.jsonl"]) == sorted(corpus)
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_CASES))

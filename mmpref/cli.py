@@ -31,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from mmpref.testing import MAKERS, pretrain_tiny_unet
+    from mmpref.testing import MAKERS, pretrain_tiny_sd15
     from mmpref.training.config import ConfigError
 
     if args.pretrain_on is None:
@@ -43,7 +43,8 @@ def _make_tiny(args: argparse.Namespace) -> int:
             raise ConfigError("--pretrain-on: only for make-tiny sd15")
         with tempfile.TemporaryDirectory() as tmp:
             random_init = MAKERS["sd15"](Path(tmp) / "sd15", seed=args.seed)
-            path = pretrain_tiny_unet(random_init, args.pretrain_on, args.out_dir, seed=args.seed)
+            path = pretrain_tiny_sd15(random_init, args.pretrain_on, args.out_dir, unet_steps=args.unet_steps,
+                                      vae_steps=args.vae_steps, seed=args.seed)  # fmt: skip
     print(f"tiny {args.kind} written to {path}")
     return 0
 
@@ -64,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-on", type=Path, default=None, metavar="DATASET",
-                   help="sd15: train the UNet on plain denoising of this image dataset's images (400 steps)")  # fmt: skip
+                   help="sd15: train the UNet on plain denoising of this image dataset's images")  # fmt: skip
+    p.add_argument("--unet-steps", type=int, default=400, help="with --pretrain-on: UNet denoising steps")
+    p.add_argument("--vae-steps", type=int, default=0,
+                   help="with --pretrain-on: first train the VAE as an autoencoder of the images (600: pictures)")  # fmt: skip
     p.set_defaults(func=_make_tiny)
 
     from mmpref.training.sampling import add_sample_command

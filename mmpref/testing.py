@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -32,7 +33,7 @@ __all__ = [
     "make_tiny_lm",
     "make_tiny_sd15",
     "make_tiny_sdxl",
-    "pretrain_tiny_unet",
+    "pretrain_tiny_sd15",
     "tiny_corpus",
 ]
 
@@ -432,21 +433,26 @@ def load_clip(
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
-def pretrain_tiny_unet(
+def pretrain_tiny_sd15(
     model_dir: str | Path,
     dataset: str | Path,
     out_dir: str | Path,
-    steps: int = 400,
+    unet_steps: int = 400,
+    vae_steps: int = 0,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     seed: int = 0,
 ) -> Path:
-    """Copy a tiny SD 1.5 folder to ``out_dir`` with its UNet trained on plain denoising of ``dataset``.
+    """Copy a tiny SD 1.5 folder to ``out_dir`` with its UNet (and optionally its VAE) trained on ``dataset``.
 
     Preference training starts from a model that already denoises (SD 1.5 does); a random UNet's errors
     are so large that the preference signal drowns in them. Every image of every pair is a training
     sample here, chosen and rejected alike, so the result prefers neither: it is a neutral reference.
-    Standard ε-prediction loss, uniform timesteps, 10% empty captions, AdamW.
+
+    * ``vae_steps`` > 0 first trains the VAE as an autoencoder of the images (reconstruction MSE plus a
+      small KL term, batches of 16), so that decoded samples show pictures rather than noise, and
+      re-calibrates its ``scaling_factor`` (:func:`_calibrated_scale`).
+    * ``unet_steps`` of plain denoising: ε-prediction loss, uniform timesteps, 10% empty captions, AdamW.
     """
     import shutil
 
@@ -463,7 +469,7 @@ def pretrain_tiny_unet(
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
     encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").eval()
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").train()
@@ -472,22 +478,37 @@ def pretrain_tiny_unet(
     pairs = prepare_image_dataset(dataset).pairs
     resolution = 8 * unet.config.sample_size
     pixels = torch.cat([pair_pixels(p, resolution).pixels for p in pairs])  # (2n, 3, R, R)
+    g = torch.Generator().manual_seed(seed)
+    if vae_steps:
+        vae.train()
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
+        for _ in range(vae_steps):
+            x = pixels[torch.randint(0, pixels.shape[0], (16,), generator=g)]
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=g)).sample
+            loss = F.mse_loss(recon, x) + 1e-3 * posterior.kl().mean() / x[0].numel()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        vae.eval().register_to_config(scaling_factor=_calibrated_scale(vae))
+        shutil.rmtree(out_dir / "vae")
+        vae.save_pretrained(out_dir / "vae", safe_serialization=True)
+    vae.eval()
     with torch.no_grad():
         latents = encode_images(vae, pixels)
         captions = [p.caption for p in pairs for _ in range(2)] + [""]
         embeds = encode_prompt_sd15(encoder, tokenize_captions(tokenizer, captions))
     embeds, empty = embeds[:-1], embeds[-1:]
 
-    g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate)
-    for _ in range(steps):
+    for _ in range(unet_steps):
         idx = torch.randint(0, latents.shape[0], (batch_size,), generator=g)
         x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
         drop = (torch.rand(batch_size, generator=g) < 0.1).view(-1, 1, 1)
         ehs = torch.where(drop, empty, embeds[idx])
         pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=ehs).sample
-        loss = torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, x0, noise, t))
+        loss = F.mse_loss(pred, diffusion_target(scheduler, x0, noise, t))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -353,7 +353,7 @@ def denoiser(tiny, style_task, tmp_path_factory):
     from mmpref.cli import main
 
     out = tmp_path_factory.mktemp("denoiser")
-    assert main(["make-tiny", "sd15", str(out), "--pretrain-on", str(style_task[0])]) == 0  # pretrain_tiny_unet
+    assert main(["make-tiny", "sd15", str(out), "--pretrain-on", str(style_task[0])]) == 0  # pretrain_tiny_sd15
     return out
 
 

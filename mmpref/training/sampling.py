@@ -9,6 +9,7 @@ noise and differ only by the training; a prompt's image does not depend on which
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,7 +89,7 @@ def image_grid(
 ) -> Image.Image:
     """A grid: one row per prompt, one column per named side (e.g. reference, trained), labelled."""
     names = list(columns)
-    label_h, text_w = 20, 2 * cell
+    label_h, text_w, chars = 20, max(cell, 160), max(cell, 160) // 6  # ~6 px per character of PIL's font
     grid = Image.new("RGB", (text_w + cell * len(names), label_h + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
     for j, name in enumerate(names):
@@ -96,7 +97,7 @@ def image_grid(
         for i, image in enumerate(columns[name]):
             grid.paste(image.convert("RGB").resize((cell, cell)), (text_w + j * cell, label_h + i * cell))
     for i, prompt in enumerate(prompts):
-        lines = [prompt[k : k + 40] for k in range(0, len(prompt), 40)][:8]
+        lines = textwrap.wrap(prompt, chars)[: cell // 12]
         draw.multiline_text((4, label_h + i * cell + 4), "\n".join(lines), fill="black")
     return grid
 

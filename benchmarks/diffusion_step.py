@@ -43,6 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import gc
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -339,7 +340,7 @@ def measure_memory(model_dir: Path, latent_size: int, threads: int | None) -> di
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny SD 1.5 at 64 px: a smoke run, not a result")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="0: measure peak memory only")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--pairs", type=int, default=4, help="pairs in the dataset (one per step)")
@@ -418,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 def report(times, memory, args, resolution, load_start) -> dict:
+    if args.rounds == 0:  # `--rounds 0`: peak memory only
+        times = {name: [[math.nan]] for name in CONTENDERS}
     per_round = {name: [len(t) / sum(t) for t in ts] for name, ts in times.items()}
     best = {name: max(r) for name, r in per_round.items()}
     median = {name: statistics.median([s for t in ts for s in t]) for name, ts in times.items()}

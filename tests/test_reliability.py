@@ -303,6 +303,8 @@ def test_nonfinite_keys_are_validated(tiny, tmp_path):
         config(tiny, tmp_path, "nonfinite=ignore")
     with pytest.raises(ConfigError, match="max_skipped_steps: must be >= 0"):
         config(tiny, tmp_path, "max_skipped_steps=-1")
+    with pytest.raises(ConfigError, match="log_every: must be > 0"):  # the loop divides by it
+        config(tiny, tmp_path, "log_every=0")
 
 
 def test_skip_mode_stops_past_max_skipped_steps(tiny, tmp_path, monkeypatch):

@@ -151,9 +151,9 @@ CHOICES = {
 POSITIVE = ("loss.beta", "rpo.temperature", "max_steps", "batch_size", "eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "max_length", "max_prompt_length",
             "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution",
-            "diffusion.eval_noise_draws", "samples.num_inference_steps")  # fmt: skip
+            "diffusion.eval_noise_draws", "samples.num_inference_steps", "log_every")  # fmt: skip
 NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "loss.sft_weight", "eval_every", "save_every",
-                "log_every", "loss.gamma", "max_skipped_steps")  # fmt: skip
+                "loss.gamma", "max_skipped_steps")  # fmt: skip
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

@@ -38,6 +38,11 @@ Choices, all documented here because Diffusion-RPO has no public reference code:
   rejected image j by their own similarity.
 * **Saving**: ``final/unet`` is a diffusers ``UNet2DConditionModel`` folder; with LoRA, ``final/`` holds
   ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(final)``.
+* **EMA** (``diffusion.ema_decay`` > 0): diffusers' ``EMAModel`` over the trained parameters (the adapters
+  with LoRA), stepped after each optimizer step, checkpointed; ``final/`` and the final evaluation use it.
+* **Samples** (``samples.prompts``): at every evaluation, diffusers' pipeline generates the prompts with the
+  policy (seed ``samples.seed + i`` for prompt i), once with the reference; images, grids and style scores
+  go under ``output_dir/samples`` and into the metrics (:mod:`mmpref.training.sampling`).
 """
 
 from __future__ import annotations

@@ -434,7 +434,7 @@ class DiffusionTask:
             weights = sc.clip_weights if sc.clip_model else self.cfg.rpo.clip_weights
             self._embedder = ClipEmbedder(model, weights, device=self.accelerator.device, progress=False,
                                           cache_dir=Path(self.cfg.output_dir) / "cache" / "clip")  # fmt: skip
-        prompts = {f"{i:03d}.png": p for i, p in enumerate(sc.prompts)}
+        prompts = {path.name: prompt for path, prompt in zip(images, sc.prompts, strict=True)}
         target = sc.style_names.index(sc.style_target) if sc.style_names else None
         result = evaluate_style(self._embedder, images, sc.style_refs, prompts=prompts,
                                 style_names=sc.style_names or None, target_index=target, n_resamples=200)  # fmt: skip

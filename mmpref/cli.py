@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from pathlib import Path
 # stopped it at a step boundary after saving a checkpoint, and `--resume` continues it.
 EXIT_NONFINITE = 1
 EXIT_INTERRUPTED = 75
+QUIET_HELP = "warnings and errors only: no info messages, no progress bars (before or after the command)"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -51,6 +54,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpref", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="preference-train a model from a YAML config")
@@ -80,17 +84,46 @@ def build_parser() -> argparse.ArgumentParser:
     from mmpref.rdpo.cli import add_rdpo_commands
 
     add_rdpo_commands(sub)
+    for command in sub.choices.values():  # --quiet after the command too, listed in each `mmpref CMD --help`
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to the ``sys.stderr`` of each message (tests and wrappers replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(quiet: bool = False) -> None:
+    """mmpref's log messages to stderr: info and up from the main process; warnings only when quiet,
+    or on the other processes of a launched run (so each message appears once)."""
+    log = logging.getLogger("mmpref")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    other_process = os.environ.get("RANK", "0") != "0"
+    log.setLevel(logging.WARNING if quiet or other_process else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     from mmpref.data import DataError
+    from mmpref.progress import quiet_bars
     from mmpref.training.checkpoint import CheckpointError
     from mmpref.training.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    configure_logging(args.quiet)
     try:
-        return args.func(args)
+        with quiet_bars(args.quiet):
+            return args.func(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"mmpref {args.command}: error: {e}", file=sys.stderr)
         return 2

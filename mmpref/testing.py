@@ -466,6 +466,7 @@ def pretrain_tiny_sd15(
         tokenize_captions,
     )
     from mmpref.data.images import pair_pixels, prepare_image_dataset
+    from mmpref.progress import progress
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
@@ -482,7 +483,7 @@ def pretrain_tiny_sd15(
     if vae_steps:
         vae.train()
         optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
-        for _ in range(vae_steps):
+        for _ in progress(range(vae_steps), desc="pretrain VAE", unit="step"):
             x = pixels[torch.randint(0, pixels.shape[0], (16,), generator=g)]
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=g)).sample
@@ -501,7 +502,7 @@ def pretrain_tiny_sd15(
     embeds, empty = embeds[:-1], embeds[-1:]
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate)
-    for _ in range(unet_steps):
+    for _ in progress(range(unet_steps), desc="pretrain UNet", unit="step"):
         idx = torch.randint(0, latents.shape[0], (batch_size,), generator=g)
         x0, noise = latents[idx], torch.randn(latents[idx].shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)

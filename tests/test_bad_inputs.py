@@ -192,8 +192,11 @@ def test_bad_config_exit_2_before_anything_is_written(name, lm, good_data, tmp_p
     "override, message",
     [
         ('model=""', "model: required"),
-        ("model={tmp}/no_such_model", "model: no model folder at"),
-        ("dataset={tmp}/none.jsonl", "dataset: no such file or folder"),
+        ("model={tmp}/no_such_model", "model: no such folder"),
+        ("model={tmp}/not_a_model", "model: {tmp}/not_a_model is a folder but not a transformers model"),
+        ("model={tmp}/a_file", "is a file; expected a transformers model"),
+        ("model=nobody/not-cached-model", "not in the local Hugging Face cache"),
+        ("dataset={tmp}/none.jsonl", "dataset: no such file"),
         ("output_dir={tmp}/a_file/run", "output_dir: cannot write to"),
         ("output_dir={tmp}/a_file", "output_dir: cannot write to"),
         ("loss.beta=[0.1", "loss.beta: the value '[0.1' is not valid YAML"),
@@ -202,10 +205,12 @@ def test_bad_config_exit_2_before_anything_is_written(name, lm, good_data, tmp_p
 )
 def test_bad_paths_and_overrides_exit_2(override, message, lm, good_data, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "weights.bin").write_bytes(b"")
     out = tmp_path / "run"
     argv = [*train_argv(None, lm, good_data, out), override.format(tmp=tmp_path)]
     code, err = run_cli(argv, capsys)
-    assert code == 2 and message in err, err
+    assert code == 2 and message.format(tmp=tmp_path) in err, err
     assert not out.exists()  # the preflight writes nothing
 
 

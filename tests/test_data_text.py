@@ -249,11 +249,6 @@ def test_missing_embedder_package_is_named(monkeypatch):
         prompt_embeddings(["hello"])
 
 
-def test_embedder_must_be_a_local_folder(tmp_path):
-    with pytest.raises(DataError, match="not a local folder"):
-        prompt_embeddings(["hello"], model="sentence-transformers/all-MiniLM-L6-v2")
-
-
 # ---------------------------------------------------------------------------------- bundled task
 
 

@@ -75,7 +75,7 @@ def test_sharded_modes_refuse_what_they_cannot_run_and_name_the_fix(tmp_path):
     # checked before anything loads: the model folder does not even exist
     with pytest.raises(ConfigError, match="frozen reference copy.*precompute_ref: true.*lora"):
         TextTask(frozen, zero3)
-    with pytest.raises(ConfigError, match="model: no model folder"):  # precompute_ref (default) passes
+    with pytest.raises(ConfigError, match="model: no such folder"):  # precompute_ref (default) passes
         TextTask(load_config(None, [f"model={missing}", "dataset=x.jsonl"]), zero3)
     with pytest.raises(ConfigError, match="frozen reference copy.*use lora"):  # diffusion: LoRA only
         check_scale_out(frozen, zero3, frozen_reference=True, text=False)

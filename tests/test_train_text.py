@@ -144,7 +144,7 @@ def test_cli_errors_name_the_problem(tiny, tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["train", str(cfg), f"model={tmp_path / 'nope'}"]) == 2
-    assert "model: no model folder" in capsys.readouterr().err
+    assert "model: no such folder" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
         data.read_text() + json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n"

@@ -41,6 +41,8 @@ import torch
 from PIL import Image
 
 from mmpref.data.text import BadRow, DataError, _text_problem, bad_rows_error, load_rows
+from mmpref.errors import ConfigError
+from mmpref.hub import open_clip_name
 
 logger = logging.getLogger(__name__)
 
@@ -273,28 +275,28 @@ def pair_pixels(
 EMBEDDING_MODES = ("text", "image", "image+text")
 
 
-def load_open_clip(model: str, weights: str | None = None, device: str | torch.device = "cpu"):
-    """``(model, preprocess, tokenizer)`` of an open_clip model, never downloading.
+def load_open_clip(model: str, weights: str | None = None, device: str | torch.device = "cpu",
+                   key: str = "rpo.clip_model"):  # fmt: skip
+    """``(model, preprocess, tokenizer)`` of an open_clip model.
 
-    ``model`` is a ``local-dir:`` folder (open_clip's layout, as :func:`mmpref.testing.make_tiny_clip`
-    writes), a plain folder path (read the same way), or an open_clip architecture name together with
-    ``weights``, a local checkpoint file.
+    ``model`` is a hub id (``ORG/NAME[@rev]`` or ``hf-hub:ORG/NAME``, e.g. ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``),
+    a ``local-dir:`` folder (open_clip's layout, as :func:`mmpref.testing.make_tiny_clip` writes), a plain
+    folder path (read the same way), or an open_clip architecture name with ``weights``: a local
+    checkpoint file or one of open_clip's pretrained tags (fetched by open_clip from the hub, or its cache).
+    ``key`` names the config key in messages.
     """
     import open_clip
 
-    if model.startswith("local-dir:") or Path(model).is_dir():
-        folder = Path(model.removeprefix("local-dir:"))
-        if not (folder / "open_clip_config.json").is_file():
-            raise DataError(f"rpo.clip_model: {folder} is not an open_clip folder (no open_clip_config.json)")
-        name, pretrained = f"local-dir:{folder}", None
-    else:
-        if weights is None or not Path(weights).is_file():
-            raise DataError(
-                f"rpo.clip_weights: the open_clip model {model!r} needs a local checkpoint file "
-                f"(got {weights!r}); mmpref never downloads weights"
-            )
-        name, pretrained = model, str(weights)
-    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    name, pretrained = open_clip_name(key, model), None
+    if not name.startswith("local-dir:"):
+        if not weights:
+            raise ConfigError(f"{key.replace('model', 'weights')}: the open_clip architecture {model!r} needs "
+                              "weights: a checkpoint file or an open_clip pretrained tag; or give a hub id")  # fmt: skip
+        pretrained = str(weights)
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except RuntimeError as exc:  # open_clip's word for an unknown name, tag or an uncached download
+        raise ConfigError(f"{key}: open_clip cannot load {model!r} with weights {weights!r} ({exc})") from exc
     return clip.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
@@ -336,10 +338,12 @@ def clip_embeddings(
             "or use rpo.mode=diagonal, which needs no embeddings"
         )
     from mmpref.data.text import _read_cache, _write_cache
+    from mmpref.progress import progress
 
     cache_file = None
     if cache_dir is not None:
-        key = json.dumps([_identity(model), _identity(weights), mode, [p.digest for p in pairs]])
+        key = json.dumps([_identity(open_clip_name("rpo.clip_model", model)), _identity(weights), mode,
+                          [p.digest for p in pairs]])  # fmt: skip
         cache_file = (
             Path(cache_dir) / f"clip_embeddings_{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
         )
@@ -353,15 +357,16 @@ def clip_embeddings(
         text = image = None
         if mode != "image":
             captions = list(dict.fromkeys(p.caption for p in pairs))
+            starts = progress(range(0, len(captions), batch_size), desc="CLIP captions", unit="batch")
             parts = [clip.encode_text(tokenizer(captions[i : i + batch_size]).to(device)).float()
-                     for i in range(0, len(captions), batch_size)]  # fmt: skip
+                     for i in starts]  # fmt: skip
             where = {c: k for k, c in enumerate(captions)}
             per_caption = norm(torch.cat(parts), dim=-1)
             text = per_caption[torch.tensor([where[p.caption] for p in pairs])][:, None].expand(-1, 2, -1)
         if mode != "text":
             refs = [r for p in pairs for r in (p.chosen, p.rejected)]
             parts = []
-            for i in range(0, len(refs), batch_size):
+            for i in progress(range(0, len(refs), batch_size), desc="CLIP images", unit="batch"):
                 batch = torch.stack([preprocess(load_image(r)) for r in refs[i : i + batch_size]]).to(device)
                 parts.append(clip.encode_image(batch).float())
             image = norm(torch.cat(parts), dim=-1).view(len(pairs), 2, -1)

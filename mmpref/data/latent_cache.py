@@ -16,7 +16,6 @@ Under several processes each builds every P-th shard and the main process writes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -28,21 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mmpref.progress import progress
+
 INDEX = "index.json"
 EXTRA = "extra.safetensors"
-
-
-def folder_fingerprint(*folders: str | Path) -> str:
-    """Identity of model folders: resolved paths plus every file's name, size and mtime."""
-    h = hashlib.sha256()
-    for folder in folders:
-        folder = Path(folder)
-        h.update(str(folder.resolve()).encode())
-        for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -109,12 +97,13 @@ class LatentCache:
         shard_size: int = 1024,
         batch_size: int = 16,
         accelerator=None,
-        progress: Callable[[int], None] | None = None,
+        desc: str = "latent cache",
     ) -> LatentCache:
         """Open the cache in ``folder``, building what is missing with ``encode(row_indices)``.
 
         ``encode`` returns a dict of tensors with ``len(row_indices)`` rows each (the same names every
         call); ``extra()`` the non-row tensors. Neither is called when the cache is complete.
+        ``desc`` names the progress bar of the rows still to encode.
         """
         folder = Path(folder)
         if (folder / INDEX).is_file():
@@ -125,19 +114,22 @@ class LatentCache:
         folder.mkdir(parents=True, exist_ok=True)
         n_shards = max(1, -(-num_rows // shard_size))
         names: list[str] | None = None
-        for s in range(rank, n_shards, world):
-            path = folder / f"shard-{s:05d}.safetensors"
-            if path.is_file():
-                continue
-            rows = list(range(s * shard_size, min(num_rows, (s + 1) * shard_size)))
-            chunks: dict[str, list[Tensor]] = {}
-            for k in range(0, len(rows), batch_size):
-                out = encode(rows[k : k + batch_size])
-                for name, value in out.items():
-                    chunks.setdefault(name, []).append(_stored(value))
-                if progress is not None:
-                    progress(len(rows[k : k + batch_size]))
-            _atomic_save({n: torch.cat(v) for n, v in chunks.items()}, path)
+
+        def shard_path(s: int) -> Path:
+            return folder / f"shard-{s:05d}.safetensors"
+
+        todo = [s for s in range(rank, n_shards, world) if not shard_path(s).is_file()]
+        total = sum(min(num_rows, (s + 1) * shard_size) - s * shard_size for s in todo)
+        with progress(total=total, desc=desc, unit="row", accelerator=accelerator) as bar:
+            for s in todo:
+                rows = list(range(s * shard_size, min(num_rows, (s + 1) * shard_size)))
+                chunks: dict[str, list[Tensor]] = {}
+                for k in range(0, len(rows), batch_size):
+                    out = encode(rows[k : k + batch_size])
+                    for name, value in out.items():
+                        chunks.setdefault(name, []).append(_stored(value))
+                    bar.update(len(rows[k : k + batch_size]))
+                _atomic_save({n: torch.cat(v) for n, v in chunks.items()}, shard_path(s))
         if accelerator is not None:
             accelerator.wait_for_everyone()
         if rank == 0:

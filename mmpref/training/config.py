@@ -19,11 +19,8 @@ from typing import Any
 
 import yaml
 
+from mmpref.errors import ConfigError as ConfigError  # re-exported: configs raise it
 from mmpref.losses import LOSS_TYPES, RPO_MODES
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
 
 
 @dataclass
@@ -43,11 +40,9 @@ class RPOConfig:
     temperature: float = 0.5
     diagonal_weight: float = 0.8
     base_loss: str = "sigmoid"
-    embedding_model: str | None = (
-        None  # text: sentence-transformers folder; None: the installed all-MiniLM-L6-v2
-    )
+    embedding_model: str | None = None  # text: sentence-transformers hub id or folder; None: the packaged all-MiniLM-L6-v2
     embedding: str = "image+text"  # diffusion: CLIP embedding of the text, the image, or the mean of both
-    clip_model: str | None = None  # diffusion: open_clip model name, or a local-dir: folder
+    clip_model: str | None = None  # diffusion: open_clip hub id (ORG/NAME), local-dir: folder, or architecture name
     clip_weights: str | None = None  # diffusion: local checkpoint file for clip_model
     global_batch: bool = False  # contrast matrix over the batch of all processes
 
@@ -85,17 +80,23 @@ class SampleConfig:
     style_refs: str | None = None  # folder of style reference images: adds samples/style_score
     style_names: list[str] = field(default_factory=list)  # candidate styles: adds samples/style_accuracy
     style_target: str | None = None  # which of style_names is the trained style
-    clip_model: str | None = None  # scoring CLIP (open_clip name or local-dir:); default: rpo.clip_model
+    clip_model: str | None = None  # scoring CLIP (hub id, local-dir: or open_clip name); default: rpo.clip_model
     clip_weights: str | None = None  # local checkpoint file for clip_model; default: rpo.clip_weights
 
 
 @dataclass
 class TrainConfig:
-    model: str = ""
-    modality: str = "auto"  # auto (diffusion when the model folder has a model_index.json) | text | diffusion
-    dataset: str = ""
-    eval_dataset: str | None = None
-    eval_split: float = 0.0  # held-out share of `dataset` when no eval_dataset is given
+    model: str = ""  # a hub id (ORG/NAME, optionally ORG/NAME@revision) or a local folder
+    revision: str | None = None  # hub revision (branch, tag or commit) of `model`
+    modality: str = "auto"  # auto (diffusion when the model has a model_index.json) | text | diffusion
+    dataset: str = ""  # hub dataset id, a file datasets reads (json/jsonl/parquet/csv/arrow), a folder, a glob
+    dataset_config: str | None = None  # the hub dataset's configuration (load_dataset's `name`)
+    dataset_revision: str | None = None  # hub revision of `dataset` / `eval_dataset`
+    train_split: str = "train"
+    eval_dataset: str | None = None  # same forms as `dataset`; default: `dataset` itself with eval_split
+    eval_split: str | float = 0.0  # a split name of the eval data, or a held-out share (0..1) of `dataset`
+    image_root: str | None = None  # relative image paths resolve here (default: the dataset file's folder)
+    confine_image_paths: bool = False  # untrusted data: image paths must stay inside that folder
     output_dir: str = "runs/mmpref"
     loss: LossConfig = field(default_factory=LossConfig)
     rpo: RPOConfig = field(default_factory=RPOConfig)
@@ -103,7 +104,8 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
     precompute_ref: bool = True
-    max_steps: int = 100
+    max_steps: int | None = None  # optimizer steps; default: from num_epochs
+    num_epochs: float | None = None  # passes over the training data (default 3, as TRL) when max_steps is unset
     batch_size: int = 4
     eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -115,7 +117,7 @@ class TrainConfig:
     lr_scheduler: str = "linear"  # any transformers.get_scheduler name
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str | None = None  # no | fp16 | bf16; unset: what `accelerate launch` / its config says
     torch_dtype: str = "float32"  # float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
     max_length: int = 512
@@ -129,8 +131,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip the optimizer step
     max_skipped_steps: int = 10  # nonfinite: skip stops the run once more steps than this were skipped
-    report_to: str = "tensorboard"  # tensorboard | none
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # any Accelerate tracker(s), all, none
     trust_remote_code: bool = False
+    push_to_hub: bool = False  # upload final/ (model card included) to hub_model_id at the end
+    hub_model_id: str | None = None  # ORG/NAME (or NAME under your account)
+    hub_private: bool = False
 
 
 CHOICES = {
@@ -141,14 +146,13 @@ CHOICES = {
     "modality": ("auto", "text", "diffusion"),
     "rpo.embedding": ("text", "image", "image+text"),
     "diffusion.attention": ("sdpa", "xformers"),
-    "mixed_precision": ("no", "fp16", "bf16"),
+    "mixed_precision": (None, "no", "fp16", "bf16"),
     "torch_dtype": ("float32", "bfloat16", "float16"),
     "truncation_mode": ("keep_end", "keep_start"),
     "on_bad_rows": ("error", "skip"),
     "nonfinite": ("stop", "skip"),
-    "report_to": ("tensorboard", "none"),
 }
-POSITIVE = ("loss.beta", "rpo.temperature", "max_steps", "batch_size", "eval_batch_size",
+POSITIVE = ("loss.beta", "rpo.temperature", "batch_size", "eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "max_length", "max_prompt_length",
             "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution",
             "diffusion.eval_noise_draws", "samples.num_inference_steps", "log_every")  # fmt: skip
@@ -162,8 +166,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0])
+        for tp in inner:  # several types (eval_split: a name or a share): the first that takes the value
+            try:
+                return _coerce(key, value, tp)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(t.__name__ for t in inner)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
@@ -207,12 +218,13 @@ def _get(cfg: TrainConfig, dotted: str) -> Any:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Range and consistency checks that the types alone do not express."""
     if not cfg.model:
-        raise ConfigError("model: required (a local model folder)")
+        raise ConfigError("model: required (a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local folder)")
     if not cfg.dataset:
-        raise ConfigError("dataset: required (a local .jsonl, .parquet or saved datasets folder)")
+        raise ConfigError("dataset: required (a hub dataset id, or a local file, folder or glob)")
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {_get(cfg, key)!r}")
+            names = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"{key}: must be one of {names}, got {_get(cfg, key)!r}")
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
@@ -233,8 +245,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "(an open_clip name with samples.clip_weights, or local-dir:FOLDER)")  # fmt: skip
     if sc.style_names and sc.style_target not in sc.style_names:
         raise ConfigError(f"samples.style_target: must be one of samples.style_names, got {sc.style_target!r}")
-    if not 0 <= cfg.eval_split < 1:
-        raise ConfigError(f"eval_split: must be in [0, 1), got {cfg.eval_split!r}")
+    if isinstance(cfg.eval_split, float) and not 0 <= cfg.eval_split < 1:
+        raise ConfigError(f"eval_split: must be a split name or a share in [0, 1), got {cfg.eval_split!r}")
+    if cfg.max_steps is not None and cfg.num_epochs is not None:
+        raise ConfigError("num_epochs: set max_steps or num_epochs, not both")
+    for key in ("max_steps", "num_epochs"):
+        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
+    from accelerate.utils import LoggerType
+
+    trackers = [t.value for t in LoggerType]
+    for name in cfg.report_to:
+        if name != "none" and name not in trackers:
+            raise ConfigError(f"report_to: {name!r} is not a tracker Accelerate knows; one or more of "
+                              f"{', '.join(trackers)}, or none")  # fmt: skip
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise ConfigError("hub_model_id: push_to_hub needs the repository to upload to (ORG/NAME)")
     if not 0 <= cfg.rpo.diagonal_weight <= 1:
         raise ConfigError(f"rpo.diagonal_weight: must be in [0, 1], got {cfg.rpo.diagonal_weight!r}")
     if cfg.max_prompt_length >= cfg.max_length:
@@ -255,17 +281,36 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def check_paths(cfg: TrainConfig) -> None:
-    """Before anything loads: the model and datasets exist and ``output_dir`` takes files.
+def model_source(cfg: TrainConfig):
+    """``model`` resolved (a :class:`mmpref.hub.ModelSource`): a folder or hub id holding a model of ``modality``."""
+    from mmpref import hub
+
+    markers = {"text": hub.TRANSFORMERS, "diffusion": hub.DIFFUSERS_PIPELINE}.get(cfg.modality, hub.ANY_MODEL)
+    return hub.resolve_model("model", cfg.model, revision=cfg.revision, markers=markers,
+                             what="a transformers model or a diffusers pipeline")  # fmt: skip
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
+
+
+def check_paths(cfg: TrainConfig):
+    """Before anything loads: every model key names a model (hub id or folder), local datasets exist and
+    ``output_dir`` takes files. Returns the resolved ``model`` (a :class:`mmpref.hub.ModelSource`).
 
     A run that would fail on a path fails here, in a second, with the key to fix, and writes nothing.
     """
-    if not Path(cfg.model).is_dir():
-        raise ConfigError(f"model: no model folder at {cfg.model} (mmpref loads local folders only)")
+    from mmpref import hub
+
+    source = model_source(cfg)
+    rpo = cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal"
+    if rpo and cfg.rpo.embedding_model and source.marker != "model_index.json":
+        hub.resolve_model("rpo.embedding_model", cfg.rpo.embedding_model, markers=hub.SENTENCE_TRANSFORMERS,
+                          what="a sentence-transformers model")  # fmt: skip
     for key in ("dataset", "eval_dataset"):
         value = getattr(cfg, key)
-        if value and not Path(value).exists():
-            raise ConfigError(f"{key}: no such file or folder {value}")
+        # a missing local file is named here; a hub id or a glob is the data loader's to resolve
+        if value and value.lower().endswith(DATA_SUFFIXES) and not Path(value).exists() and "*" not in value:
+            raise ConfigError(f"{key}: no such file {value}")
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -276,6 +321,7 @@ def check_paths(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"output_dir: cannot write to {out} ({exc.strerror or exc}); choose a writable folder"
         ) from exc
+    return source
 
 
 @contextmanager

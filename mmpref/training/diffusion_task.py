@@ -68,11 +68,19 @@ from mmpref.adapters.diffusion import (
     tokenize_captions,
 )
 from mmpref.data.images import ImagePair, clip_embeddings, pair_pixels, prepare_image_dataset
-from mmpref.data.latent_cache import LatentCache, folder_fingerprint
-from mmpref.training.config import ConfigError, TrainConfig
+from mmpref.data.latent_cache import LatentCache
+from mmpref.hub import ModelSource, folder_fingerprint
+from mmpref.training.config import ConfigError, TrainConfig, model_source
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
-from mmpref.training.sampling import generate, image_grid, load_pipeline, save_images, unet_swapped
+from mmpref.training.sampling import (
+    generate,
+    image_grid,
+    load_pipeline,
+    log_image,
+    save_images,
+    unet_swapped,
+)
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,46 +111,40 @@ class DiffusionTask:
 
     unit = "images"  # what count_units counts, for the throughput report
 
-    def __init__(self, cfg: TrainConfig, accelerator):
+    def __init__(self, cfg: TrainConfig, accelerator, source: ModelSource | None = None):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        self.cfg, self.accelerator = cfg, accelerator
         check_scale_out(cfg, accelerator, frozen_reference=cfg.lora is None, text=False)
-        root = Path(cfg.model)
-        if not (root / "model_index.json").is_file() or not (root / "unet").is_dir():
-            raise ConfigError(f"model: {root} is not a diffusers pipeline folder (model_index.json, unet/)")
+        source = source or model_source(cfg)
+        self.cfg, self.accelerator, self.source = cfg, accelerator, source
+        index_file = source.file("model_index.json")
+        index = json.loads(index_file.read_text()) if index_file else {}
+        if not index.get("unet"):
+            raise ConfigError(f"model: {cfg.model} is not a diffusers pipeline with a UNet (model_index.json, unet/)")
         dc = cfg.diffusion
         device = accelerator.device
-        weight_dtype = MIXED.get(cfg.mixed_precision, DTYPES[cfg.torch_dtype])
+        weight_dtype = MIXED.get(accelerator.mixed_precision, DTYPES[cfg.torch_dtype])
 
-        self.unet = UNet2DConditionModel.from_pretrained(
-            root, subfolder="unet", torch_dtype=DTYPES[cfg.torch_dtype]
-        )
-        self.is_sdxl = (
-            root / "text_encoder_2"
-        ).is_dir() or self.unet.config.addition_embed_type == "text_time"
-        self.scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+        def part(cls, subfolder: str, **kwargs):  # one component of the pipeline, hub id or folder alike
+            return cls.from_pretrained(source.name, subfolder=subfolder, **source.kwargs, **kwargs)
+
+        self.unet = part(UNet2DConditionModel, "unet", torch_dtype=DTYPES[cfg.torch_dtype])
+        self.is_sdxl = bool(index.get("text_encoder_2")) or self.unet.config.addition_embed_type == "text_time"
+        self.scheduler = part(DDPMScheduler, "scheduler")
         # fp32 VAE: the SDXL VAE overflows in fp16 (diffusers' scripts keep it fp32 too); cached, it is cheap
-        self.vae = (
-            AutoencoderKL.from_pretrained(root, subfolder="vae").requires_grad_(False).eval().to(device)
-        )
-        self.tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")]
-        self.text_encoders = [
-            CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=weight_dtype)
-        ]
+        self.vae = part(AutoencoderKL, "vae").requires_grad_(False).eval().to(device)
+        self.tokenizers = [part(CLIPTokenizer, "tokenizer")]
+        self.text_encoders = [part(CLIPTextModel, "text_encoder", torch_dtype=weight_dtype)]
         if self.is_sdxl:
-            self.tokenizers.append(CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2"))
-            self.text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(
-                    root, subfolder="text_encoder_2", torch_dtype=weight_dtype
-                )
-            )
+            self.tokenizers.append(part(CLIPTokenizer, "tokenizer_2"))
+            self.text_encoders.append(part(CLIPTextModelWithProjection, "text_encoder_2", torch_dtype=weight_dtype))
         for enc in self.text_encoders:
             enc.requires_grad_(False).eval().to(device)
-        self._fingerprint = folder_fingerprint(
-            *(root / sub for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-        )
+        # the latent and text caches depend on the VAE and text encoders only, not on the UNet
+        self._fingerprint = source.identity() if source.is_hub else folder_fingerprint(
+            *(source.folder / sub for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+        )  # fmt: skip
 
         if dc.attention == "xformers":
             try:
@@ -268,7 +270,7 @@ class DiffusionTask:
 
         logger.info("building the latent cache of %d %s pairs in %s", len(split), split.name, folder)
         return LatentCache.build(folder, len(split), encode, extra=extra, batch_size=self.cfg.eval_batch_size,
-                                 accelerator=self.accelerator)  # fmt: skip
+                                 accelerator=self.accelerator, desc=f"latent cache {split.name}")  # fmt: skip
 
     # -- batches -----------------------------------------------------------------------------------
     def _collate(self, split: _ImageSplit, indices: list[int], train: bool) -> dict[str, Tensor]:
@@ -397,7 +399,7 @@ class DiffusionTask:
             return {}
         unet = acc.unwrap_model(model)
         if self._pipe is None:
-            self._pipe = load_pipeline(self.cfg.model, unet=unet, device=acc.device)
+            self._pipe = load_pipeline(self.source.name, unet=unet, device=acc.device, **self.source.kwargs)
         options = dict(seed=sc.seed, num_inference_steps=sc.num_inference_steps, guidance_scale=sc.guidance_scale,
                        resolution=self.cfg.diffusion.resolution)  # fmt: skip
         root, metrics = Path(self.cfg.output_dir) / "samples", {}
@@ -414,11 +416,7 @@ class DiffusionTask:
         grid = image_grid({"reference": self._reference_images, f"step {step}": images}, sc.prompts)
         grid.save(root / f"grid-step-{step:08d}.png")
         grid.save(root / "latest.png")  # where a person looks first
-        if self.cfg.report_to == "tensorboard":
-            import numpy as np
-
-            writer = acc.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        log_image(acc, "samples", grid, step)  # to every configured tracker that takes images
         metrics.update(self._score_samples(paths, "samples/"))
         return metrics
 
@@ -459,7 +457,11 @@ class DiffusionTask:
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, state_dict=state_dict))
             pipeline = StableDiffusionXLPipeline if self.is_sdxl else StableDiffusionPipeline
-            pipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+            # the adapter's config (r, lora_alpha, targets) goes into the file: without it load_lora_weights
+            # assumes lora_alpha = r and applies the LoRA at r/alpha of its trained strength
+            metadata = model.peft_config["default"].to_dict()
+            pipeline.save_lora_weights(out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
+                                       safe_serialization=True)  # fmt: skip
             kind = "lora"
         else:
             if state_dict is not None:  # the sharded module holds no whole weights: save a whole copy
@@ -468,7 +470,8 @@ class DiffusionTask:
                 model = whole
             model.save_pretrained(out_dir / "unet", safe_serialization=True)
             kind = "unet"
-        info = {"base_model": str(Path(self.cfg.model).resolve()), "kind": kind, "sdxl": self.is_sdxl}
+        base = self.source.name if self.source.is_hub else str(Path(self.source.name).resolve())
+        info = {"base_model": base, "revision": self.source.revision, "kind": kind, "sdxl": self.is_sdxl}
         (out_dir / "mmpref.json").write_text(json.dumps(info, indent=2))
 
 

@@ -24,9 +24,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from mmpref.hub import ModelSource
+from mmpref.progress import progress
 from mmpref.training.checkpoint import (
     STATE_FILE,
     Checkpointer,
@@ -34,13 +35,15 @@ from mmpref.training.checkpoint import (
     find_checkpoint,
     rewind_metrics,
 )
-from mmpref.training.config import ConfigError, TrainConfig, check_paths, to_dict
+from mmpref.training.config import ConfigError, TrainConfig, check_paths, model_source, to_dict
 from mmpref.training.distributed import sharding
+from mmpref.training.model_card import push_to_hub, write_model_card
 from mmpref.training.objective import Rows, gather_rows, preference_loss
 from mmpref.training.plots import plot_metrics
 from mmpref.training.run_report import peak_host_rss_gib, summary_line
 
 logger = logging.getLogger(__name__)
+DEFAULT_EPOCHS = 3  # when neither max_steps nor num_epochs is set, as TRL's num_train_epochs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -88,20 +91,16 @@ class _StopRequest:
         self._previous.clear()
 
 
-def is_diffusion(cfg: TrainConfig) -> bool:
-    if cfg.modality != "auto":
-        return cfg.modality == "diffusion"
-    return (Path(cfg.model) / "model_index.json").is_file()
-
-
-def build_task(cfg: TrainConfig, accelerator: Accelerator):
-    if is_diffusion(cfg):
+def build_task(cfg: TrainConfig, accelerator: Accelerator, source: ModelSource | None = None):
+    """The diffusion task for a diffusers pipeline (a ``model_index.json``), else the text task."""
+    source = source or model_source(cfg)
+    if cfg.modality == "diffusion" or (cfg.modality == "auto" and source.marker == "model_index.json"):
         from mmpref.training.diffusion_task import DiffusionTask
 
-        return DiffusionTask(cfg, accelerator)
+        return DiffusionTask(cfg, accelerator, source)
     from mmpref.training.text_task import TextTask
 
-    return TextTask(cfg, accelerator)
+    return TextTask(cfg, accelerator, source)
 
 
 def build_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
@@ -221,28 +220,40 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
 
 
 def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
-    check_paths(cfg)  # a missing model or an unwritable output_dir stops here, before anything is written
+    source = check_paths(cfg)  # a missing model or an unwritable output_dir stops here, before anything is written
     out = Path(cfg.output_dir)
     # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
     # CPU machine): ask Accelerate for its multi-CPU (gloo) mode instead of silently running alone.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    trackers = [t for t in cfg.report_to if t != "none"]
     accelerator = Accelerator(
         cpu=multi_cpu,
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        mixed_precision=cfg.mixed_precision,  # None: the launcher's (ACCELERATE_MIXED_PRECISION) or config file's
+        log_with=trackers or None,
         project_dir=str(out),
     )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     set_seed(cfg.seed)
-    task = build_task(cfg, accelerator)
+    task = build_task(cfg, accelerator, source)
+    accum = cfg.gradient_accumulation_steps
+    size = len(task.train)
+    per_epoch = size // (cfg.batch_size * accelerator.num_processes)
+    if per_epoch < accum:
+        raise ConfigError(
+            f"dataset: {size} rows give fewer than {accum} batches of {cfg.batch_size} per process; "
+            "lower batch_size or gradient_accumulation_steps, or add rows"
+        )
+    max_steps = cfg.max_steps or math.ceil((cfg.num_epochs or DEFAULT_EPOCHS) * (per_epoch // accum))
+    if cfg.max_steps is None:
+        logger.info("%d steps: %s epochs of %d steps", max_steps, cfg.num_epochs or DEFAULT_EPOCHS, per_epoch // accum)
     model = task.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     # Not prepared: Accelerate would step a prepared scheduler once per process.
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.max_steps)  # fmt: skip
+                              num_training_steps=max_steps)  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     for extra in getattr(task, "checkpoint_objects", list)():  # e.g. the diffusion EMA
@@ -262,11 +273,11 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
         accelerator.print(f"resumed from {ckpt} at step {state['step']}")
     if accelerator.is_main_process and not resume and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
-    if cfg.report_to != "none":
+    if trackers:
         accelerator.init_trackers("mmpref", config=_flat(to_dict(cfg)))
 
     def log(values: dict, step: int) -> None:
-        if cfg.report_to != "none":
+        if trackers:
             accelerator.log(values, step=step)
         if accelerator.is_main_process:
             with open(out / "metrics.jsonl", "a") as f:
@@ -275,14 +286,6 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
     if state["step"] == 0:
         log(evaluate(task, model, cfg, accelerator), 0)
 
-    accum = cfg.gradient_accumulation_steps
-    size = len(task.train)
-    per_epoch = size // (cfg.batch_size * accelerator.num_processes)
-    if per_epoch < accum:
-        raise ConfigError(
-            f"dataset: {size} rows give fewer than {accum} batches of {cfg.batch_size} per process; "
-            "lower batch_size or gradient_accumulation_steps, or add rows"
-        )
     it = _batches(task, task.collate_train, size, cfg.batch_size, cfg.seed, state["epoch"], state["batch_in_epoch"],
                   accelerator)  # fmt: skip
     scale = accelerator.num_processes if cfg.rpo.global_batch and cfg.loss.type == "rpo" else 1
@@ -294,11 +297,10 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
     check_grads = accelerator.scaler is None and not deepspeed
     if deepspeed and cfg.nonfinite == "skip":
         raise ConfigError("nonfinite: skip cannot skip DeepSpeed's steps (its engine steps inside backward)")
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
-               desc="train", dynamic_ncols=True)  # fmt: skip
+    bar = progress(total=max_steps, initial=state["step"], desc="train", accelerator=accelerator)
     model.train()
     stop.arm()
-    while state["step"] < cfg.max_steps:
+    while state["step"] < max_steps:
         step_sums: dict[str, float] = {}
         step_rows: list[int] = []
         bad_loss = None
@@ -368,7 +370,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
                 count += accum
             optimizer.zero_grad(set_to_none=True)
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or step == max_steps:
             means = {k: v / count for k, v in sums.items()} if count else {}
             if means:
                 means = accelerator.reduce(_tensor(means, accelerator), "mean")
@@ -384,7 +386,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
             )
             log(means, step)
             sums, count = {}, 0
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != max_steps:
             log(evaluate(task, model, cfg, accelerator, step), step)
         if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
             checkpoint = checkpointer.save(_checkpoint_state(state, sums, count, accelerator))
@@ -406,6 +408,10 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
         staging = out / ".tmp-final"
         shutil.rmtree(staging, ignore_errors=True)
         task.save(accelerator.unwrap_model(model), staging, state_dict=full_state)
+        # after save: peft's save_pretrained writes a README.md of its own
+        write_model_card(staging, cfg, source, final_eval, diffusion=task.unit == "images", steps=state["step"],
+                         processes=accelerator.num_processes, sdxl=getattr(task, "is_sdxl", False),
+                         location=cfg.hub_model_id if cfg.push_to_hub else str(final))  # fmt: skip
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
@@ -419,6 +425,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
         accelerator.print(json.dumps(summary))
         accelerator.print(summary_line(summary, task.unit, state["step"]))
     accelerator.end_training()
+    if cfg.push_to_hub and accelerator.is_main_process:  # last: a failed upload leaves the run complete on disk
+        push_to_hub(final, cfg)
     return final
 
 

@@ -42,12 +42,14 @@ def read_prompt_list(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_pipeline(model_dir: str | Path, unet: torch.nn.Module | None = None, device: str | None = None):
-    """The diffusers pipeline of ``model_dir`` (SD 1.5 or SDXL), optionally with ``unet`` in place of its own."""
+def load_pipeline(model: str | Path, unet: torch.nn.Module | None = None, device: str | None = None,
+                  revision: str | None = None):  # fmt: skip
+    """The diffusers pipeline of ``model`` (a hub id or folder; SD 1.5 or SDXL), optionally with ``unet``
+    in place of its own."""
     from diffusers import DiffusionPipeline
 
     kwargs = {"unet": unet} if unet is not None else {}
-    pipe = DiffusionPipeline.from_pretrained(model_dir, **kwargs)
+    pipe = DiffusionPipeline.from_pretrained(model, revision=revision, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
 
@@ -116,6 +118,30 @@ def save_images(images: Sequence[Image.Image], folder: Path, prompts: Sequence[s
     return paths
 
 
+# How one image goes into each Accelerate tracker's ``log_images``: tensorboard's ``add_images`` takes a
+# batch array, aim's and clearml's take the image itself, the others (wandb, swanlab, ...) a list of images.
+_SINGLE_IMAGE_TRACKERS = ("aim", "clearml")
+
+
+def log_image(accelerator, name: str, image: Image.Image, step: int) -> list[str]:
+    """Log ``image`` as ``name`` at ``step`` to every tracker of ``accelerator`` that takes images (those whose
+    Accelerate tracker has ``log_images``); returns their names."""
+    import numpy as np
+
+    logged = []
+    for tracker in accelerator.trackers:
+        if not hasattr(tracker, "log_images"):  # e.g. mlflow, comet_ml: scalars only in Accelerate
+            continue
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+        elif tracker.name in _SINGLE_IMAGE_TRACKERS:
+            tracker.log_images({name: image}, step=step)
+        else:
+            tracker.log_images({name: [image]}, step=step)
+        logged.append(tracker.name)
+    return logged
+
+
 # --------------------------------------------------------------------------------- mmpref sample
 
 
@@ -141,11 +167,11 @@ def trained_pipeline(final: Path, device: str | None = None):
 
     info = json.loads((final / "mmpref.json").read_text())
     if info["kind"] == "lora":
-        pipe = load_pipeline(info["base_model"], device=device)
+        pipe = load_pipeline(info["base_model"], device=device, revision=info.get("revision"))
         pipe.load_lora_weights(final)
         return pipe, info
     unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet")
-    return load_pipeline(info["base_model"], unet=unet, device=device), info
+    return load_pipeline(info["base_model"], unet=unet, device=device, revision=info.get("revision")), info
 
 
 def sample_command(args) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -19,22 +20,14 @@ from torch import Tensor, nn
 from mmpref.adapters.causal_lm import TokenizedRow, collate, response_logps, tokenize_row
 from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
 from mmpref.data.text import iter_rows
-from mmpref.training.config import ConfigError, TrainConfig, custom_code_guard
+from mmpref.hub import ModelSource
+from mmpref.progress import progress
+from mmpref.training.config import ConfigError, TrainConfig, custom_code_guard, model_source
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def fingerprint(folder: str | Path) -> str:
-    """Cheap identity of a model folder: names, sizes and mtimes of its files."""
-    h = hashlib.sha256()
-    for f in sorted(Path(folder).rglob("*")):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 class PackedRows(Sequence[TokenizedRow]):
@@ -103,7 +96,9 @@ class _Split:
         labels, scores, prompts = array("b"), array("d"), []
         digest = hashlib.sha256(b"[")  # = sha256(json.dumps([[prompt, responses], ...])), row by row
         has_scores = paired and all(c in rows.column_names for c in ("score_chosen", "score_rejected"))
-        for i, r in enumerate(iter_rows(rows)):
+        bar = progress(iter_rows(rows), desc=f"tokenize {name}", total=len(rows), unit="row",
+                       accelerator=task.accelerator)  # fmt: skip
+        for i, r in enumerate(bar):
             row = tokenize_row(
                 tok, row_numbers[i], r["prompt"], [r["chosen"], r["rejected"]] if paired else [r["completion"]],
                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
@@ -145,20 +140,22 @@ class _Split:
 class TextTask:
     """Causal-LM preference training (DESIGN §1): ℓ from summed response log-probs."""
 
-    def __init__(self, cfg: TrainConfig, accelerator):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.cfg, self.accelerator = cfg, accelerator
+    def __init__(self, cfg: TrainConfig, accelerator, source: ModelSource | None = None,
+                 model: nn.Module | None = None, tokenizer=None):  # fmt: skip
+        """``source``: the resolved ``model`` key (default: resolved here), unless ``model`` and ``tokenizer``
+        are given already loaded."""
         self.reference_free = (cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type) == "simpo"
         frozen_copy = not self.reference_free and not cfg.precompute_ref and cfg.lora is None
         check_scale_out(cfg, accelerator, frozen_reference=frozen_copy, text=True)
-        if not Path(cfg.model).is_dir():
-            raise ConfigError(f"model: no model folder at {cfg.model}")
-        with custom_code_guard(cfg.model):  # trust_remote_code is false unless the config says so
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                cfg.model, dtype=DTYPES[cfg.torch_dtype], trust_remote_code=cfg.trust_remote_code
-            )
+        if source is None and model is None:
+            source = model_source(cfg)
+        self.cfg, self.accelerator, self.source = cfg, accelerator, source
+        if model is None:
+            self.tokenizer, self.model = self._load(source, tokenizer)
+        else:
+            if tokenizer is None:
+                raise ConfigError("tokenizer: an already loaded model needs its tokenizer (train(..., tokenizer=))")
+            self.tokenizer, self.model = tokenizer, model
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -196,10 +193,8 @@ class TextTask:
                 for split in (self.train, self.eval):
                     if split is not None:
                         split.ref_logps = self._precompute(split)
-            elif cfg.lora is None:
-                self.reference = AutoModelForCausalLM.from_pretrained(
-                    cfg.model, dtype=DTYPES[cfg.torch_dtype], trust_remote_code=cfg.trust_remote_code
-                )
+            elif cfg.lora is None:  # a frozen copy of the weights as they are before training
+                self.reference = copy.deepcopy(self.model)
                 self.reference.requires_grad_(False).eval().to(accelerator.device)
 
         if cfg.gradient_checkpointing:
@@ -214,6 +209,21 @@ class TextTask:
                            target_modules=lc.target_modules, task_type="CAUSAL_LM"),
             )  # fmt: skip
 
+    def _load(self, source: ModelSource, tokenizer=None):
+        """Tokenizer and causal LM of a hub id or folder, through transformers' ``from_pretrained``."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        cfg = self.cfg
+        with custom_code_guard(source.name):  # trust_remote_code is false unless the config says so
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    source.name, trust_remote_code=cfg.trust_remote_code, **source.kwargs
+                )
+            model = AutoModelForCausalLM.from_pretrained(
+                source.name, dtype=DTYPES[cfg.torch_dtype], trust_remote_code=cfg.trust_remote_code, **source.kwargs
+            )
+        return tokenizer, model
+
     # -- reference ------------------------------------------------------------------------
     @torch.no_grad()
     def _precompute(self, split: _Split) -> Tensor:
@@ -223,22 +233,30 @@ class TextTask:
         Each process computes a strided share of the rows; the shares are then gathered.
         """
         acc = self.accelerator
-        key = f"{fingerprint(self.cfg.model)}-{split.key}-{self.cfg.torch_dtype}"
-        cache = Path(self.cfg.output_dir) / "cache" / f"ref_logps-{split.name}-{key}.safetensors"
-        if cache.is_file():
-            return load_file(cache)["ref_logps"]
+        cache = None
+        if self.source is not None:  # an in-memory model has no identity to key a cache by
+            model_id = hashlib.sha256(self.source.identity().encode()).hexdigest()[:16]
+            key = f"{model_id}-{split.key}-{self.cfg.torch_dtype}"
+            cache = Path(self.cfg.output_dir) / "cache" / f"ref_logps-{split.name}-{key}.safetensors"
+            if cache.is_file():
+                return load_file(cache)["ref_logps"]
+        logger.info("reference log-probs of %d %s rows: computing once%s", len(split), split.name,
+                    f", cached in {cache}" if cache is not None else "")  # fmt: skip
         model = self.model.to(acc.device).eval()
         mine = list(range(acc.process_index, len(split), acc.num_processes))
         results = []
         bs = self.cfg.eval_batch_size
-        for start in range(0, len(mine), bs):
-            idx = mine[start : start + bs]
-            batch = {k: v.to(acc.device) for k, v in split.collate(idx, self.tokenizer.pad_token_id).items()}
-            results.extend(zip(idx, response_logps(model, batch)[0].float().cpu().tolist()))
+        with progress(total=len(mine), desc=f"reference {split.name}", unit="row", accelerator=acc) as bar:
+            for start in range(0, len(mine), bs):
+                idx = mine[start : start + bs]
+                batch = split.collate(idx, self.tokenizer.pad_token_id)
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                results.extend(zip(idx, response_logps(model, batch)[0].float().cpu().tolist()))
+                bar.update(len(idx))
         ref = torch.zeros(len(split), len(split.rows[0].responses))
         for i, values in gather_object(results):
             ref[i] = torch.tensor(values)
-        if acc.is_main_process:
+        if acc.is_main_process and cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
             save_file({"ref_logps": ref}, tmp)

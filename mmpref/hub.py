@@ -1,0 +1,189 @@
+"""Models by hub id or local folder: what every model key of a config accepts.
+
+A value names a local folder (it exists on disk) or a Hugging Face Hub model ``ORG/NAME``, optionally
+pinned as ``ORG/NAME@revision`` (a branch, tag or commit; the main model also takes the ``revision`` key).
+Hub models load through the libraries' own ``from_pretrained`` / ``hf_hub_download``, so the Hugging Face
+cache, ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` work exactly as with transformers and diffusers.
+
+:func:`resolve_model` runs before anything heavy loads: it fetches the model's small marker file
+(``config.json`` for transformers, ``model_index.json`` for a diffusers pipeline, ...), from the cache
+when offline. So a typo, a private repo, an id missing from the cache under ``HF_HUB_OFFLINE=1``, or a
+folder that is not a model stops the run in a second with the config key, the value and the fix named,
+instead of a traceback from deep inside a library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmpref.errors import ConfigError
+
+TRANSFORMERS = ("config.json",)
+DIFFUSERS_PIPELINE = ("model_index.json",)
+ANY_MODEL = ("model_index.json", "config.json")  # `model` before the modality is known
+SENTENCE_TRANSFORMERS = ("modules.json", "config.json")
+OPEN_CLIP = ("open_clip_config.json",)
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")  # open_clip's own order  # fmt: skip
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model key: a local ``folder``, or a hub ``name`` at ``revision`` (snapshot ``commit``)."""
+
+    key: str
+    name: str  # the folder path or the hub id, as from_pretrained takes it
+    revision: str | None
+    folder: Path | None  # None for a hub model
+    commit: str | None  # the hub snapshot's commit hash
+    marker: str  # which marker file was found: says what kind of model it is
+
+    @property
+    def is_hub(self) -> bool:
+        return self.folder is None
+
+    @property
+    def kwargs(self) -> dict:
+        """Extra ``from_pretrained`` arguments: the revision of a hub model."""
+        return {"revision": self.revision} if self.is_hub and self.revision else {}
+
+    def identity(self) -> str:
+        """What the weights are, for cache keys: a folder's file names, sizes and mtimes; a hub commit."""
+        if self.is_hub:
+            return f"{self.name}@{self.commit}"
+        return folder_fingerprint(self.folder)
+
+    def file(self, filename: str) -> Path | None:
+        """The model's file ``filename`` (``subfolder/name`` allowed) on disk, or None when it has none."""
+        if not self.is_hub:
+            path = self.folder / filename
+            return path if path.is_file() else None
+        return _hub_file(self, filename)
+
+
+def folder_fingerprint(*folders: Path | str | None) -> str:
+    """Cheap identity of local folders: names, sizes and mtimes of their files (retraining in place changes it)."""
+    h = hashlib.sha256()
+    for folder in folders:
+        if folder is None or not Path(folder).is_dir():
+            continue
+        folder = Path(folder)
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{folder.name}/{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def split_revision(value: str) -> tuple[str, str | None]:
+    """``"ORG/NAME@rev"`` -> ``("ORG/NAME", "rev")``; a value without ``@`` has no revision."""
+    name, sep, revision = value.partition("@")
+    return (name, revision or None) if sep and not Path(value).exists() else (value, None)
+
+
+def resolve_model(
+    key: str, value: str, *, revision: str | None = None, markers: tuple[str, ...] = TRANSFORMERS,
+    what: str = "a transformers model",
+) -> ModelSource:  # fmt: skip
+    """Check that ``value`` (the config key ``key``) is a usable model, before anything loads.
+
+    A local folder must hold one of ``markers``; a hub id must exist (in the cache when offline) and hold
+    one. Raises :class:`ConfigError` naming the key, the value and the fix.
+    """
+    if not value:
+        raise ConfigError(f"{key}: required ({what}: a hub id such as ORG/NAME, or a local folder)")
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{key}: {value} is a file; expected {what} (a model folder or a hub id)")
+        found = next((m for m in markers if (path / m).is_file()), None)
+        if found is None:
+            raise ConfigError(
+                f"{key}: {value} is a folder but not {what} (it has no {' or '.join(markers)}); "
+                "point it at the folder save_pretrained wrote, or at a hub id"
+            )
+        return ModelSource(key, str(path), None, path, None, found)
+    name, pinned = split_revision(value)
+    if value.startswith((".", "/", "~")) or os.sep in value.replace("/", "") or not HUB_ID.fullmatch(name):
+        raise ConfigError(f"{key}: no such folder {value} (and it is not a hub id of the form ORG/NAME)")
+    source = ModelSource(key, name, pinned or revision, None, None, "")
+    for marker in markers:
+        path = _hub_file(source, marker)
+        if path is not None:
+            commit = path.parts[path.parts.index("snapshots") + 1] if "snapshots" in path.parts else None
+            return ModelSource(key, name, source.revision, None, commit, marker)
+    raise ConfigError(f"{key}: the hub repository {name} is not {what} (it has no {' or '.join(markers)})")
+
+
+def _hub_file(source: ModelSource, filename: str) -> Path | None:
+    """``hf_hub_download`` of one file (from the cache when offline); None when the repo has no such file."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    key, name, rev = source.key, source.name, source.revision
+    try:
+        return Path(hf_hub_download(name, filename, revision=rev))
+    except GatedRepoError as exc:
+        raise ConfigError(f"{key}: {name} is gated: accept its terms on the hub, then log in "
+                          "(`hf auth login` or HF_TOKEN)") from exc  # fmt: skip
+    except RepositoryNotFoundError as exc:
+        raise ConfigError(f"{key}: no model {name} on the hub (a typo, or a private repository: log in with "
+                          "`hf auth login` or set HF_TOKEN); a local folder works too") from exc  # fmt: skip
+    except RevisionNotFoundError as exc:
+        raise ConfigError(f"{key}: {name} has no revision {rev!r} (a branch, tag or commit)") from exc
+    except LocalEntryNotFoundError as exc:
+        if _cached_elsewhere(source, filename):
+            return None  # the snapshot is cached, only without this optional file
+        where = f"{name}@{rev}" if rev else name
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(
+                f"{key}: {where} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                f"HF_HUB_OFFLINE=1 forbids downloading it; download it once (`hf download {name}`) or unset "
+                "HF_HUB_OFFLINE, or give a local folder"
+            ) from exc
+        raise ConfigError(f"{key}: cannot reach the hub to fetch {where} and it is not cached ({exc}); "
+                          "check the network, or give a local folder") from exc  # fmt: skip
+    except EntryNotFoundError:  # the repository (online) has no such file
+        return None
+    except HFValidationError as exc:
+        raise ConfigError(f"{key}: {name!r} is not a valid hub id ({exc})") from exc
+
+
+def _cached_elsewhere(source: ModelSource, filename: str) -> bool:
+    """Whether the cache holds this revision's snapshot at all (then a missing file is just absent)."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{source.name.replace('/', '--')}"
+    ref = repo / "refs" / (source.revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else source.revision
+    return bool(commit) and (repo / "snapshots" / commit).is_dir()
+
+
+def open_clip_name(key: str, value: str) -> str:
+    """An open_clip model name for ``value``: ``local-dir:`` folders and architecture names pass through;
+    a hub id (``ORG/NAME[@rev]``, or open_clip's ``hf-hub:ORG/NAME``) becomes ``local-dir:`` of its cached
+    snapshot once its config and weights are fetched, so the revision pin and the checks above apply."""
+    if value.startswith("local-dir:") or Path(value).is_dir():
+        folder = value.removeprefix("local-dir:")
+        resolve_model(key, folder, markers=OPEN_CLIP, what="an open_clip model folder")
+        return f"local-dir:{folder}"
+    bare = value.removeprefix("hf-hub:")
+    if "/" not in bare:
+        return value  # an open_clip architecture name, with its weights given separately
+    source = resolve_model(key, bare, markers=OPEN_CLIP, what="an open_clip model")
+    weights = next((p for w in OPEN_CLIP_WEIGHTS if (p := _hub_file(source, w)) is not None), None)
+    if weights is None:
+        raise ConfigError(f"{key}: {source.name} has none of the weights files {', '.join(OPEN_CLIP_WEIGHTS)}")
+    return f"local-dir:{weights.parent}"

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmpref.progress import quiet_bars
     from mmpref.training.checkpoint import CheckpointError
     from mmpref.training.config import ConfigError
+    from mmpref.training.model_card import HubUploadError
 
     args = build_parser().parse_args(argv)
     configure_logging(args.quiet)
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"mmpref {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except HubUploadError as e:  # the run itself is complete on disk: say so, without a traceback
+        print(f"mmpref {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

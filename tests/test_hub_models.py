@@ -107,3 +107,21 @@ def test_diffusion_pipeline_by_hub_id_trains(hub, tmp_path):
     final = train(cfg)
     info = json.loads((final / "mmpref.json").read_text())
     assert info["base_model"] == "tiny-org/sd15" and info["kind"] == "lora"
+
+
+def test_reward_and_teacher_models_by_hub_id(hub, tmp_path):
+    from mmpref.rdpo.config import _folder
+    from mmpref.rdpo.generation import Generator
+    from mmpref.rdpo.reward import ModelReward
+    from mmpref.rdpo.testing import make_tiny_reward_model
+
+    folder = make_tiny_reward_model(tmp_path / "rm")
+    write_hub_repo(hub, "tiny-org/rm", folder, revision="v1")
+    _folder("reward", "tiny-org/rm@v1", "a reward model")  # the config check resolves it from the cache
+    by_id, by_folder = ModelReward("tiny-org/rm@v1", device="cpu"), ModelReward(str(folder), device="cpu")
+    for a, b in zip(by_id.model.state_dict().values(), by_folder.model.state_dict().values()):
+        assert torch.equal(a, b)
+    write_hub_repo(hub, "tiny-org/teacher", make_tiny_lm(tmp_path / "lm"))
+    assert Generator("tiny-org/teacher", device="cpu").model.config.vocab_size > 0
+    with pytest.raises(ConfigError, match="teacher: no model nobody/teacher|teacher: nobody/teacher is not in"):
+        _folder("teacher", "nobody/teacher", "the teacher")

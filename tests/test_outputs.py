@@ -105,6 +105,7 @@ def test_diffusion_lora_reloads_at_full_strength(tiny, tmp_path, monkeypatch):
     assert (final / "samples.png").is_file() and "](samples.png)" in text
     assert str(tiny["sd15"]) in text and "load_lora_weights" in text
     assert "| LoRA r | 4 |" in text and "| LoRA alpha | 16 |" in text and "eval/rewards/accuracies" in text
+    assert "| LoRA target modules | to_k, to_out.0, to_q, to_v |" in text  # as applied to the UNet
 
 
 def test_text_lora_reloads_with_peft(tiny, tmp_path, monkeypatch):

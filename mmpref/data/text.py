@@ -1,15 +1,36 @@
-"""Text preference data: load local files, check every row, embed prompts once (DESIGN §3, §7, §8).
+"""Text preference data: any source ``datasets`` reads, every row checked, prompts embedded once (DESIGN §3, §7, §8).
 
-Two formats are accepted (DESIGN §7):
+Sources (:func:`open_rows`), all read by ``datasets`` itself (``load_dataset`` / ``load_from_disk``):
 
-* paired:   ``prompt``, ``chosen``, ``rejected`` (+ optional ``score_chosen``, ``score_rejected``)
-* unpaired: ``prompt``, ``completion``, ``label`` (bool; KTO-style)
+* a Hugging Face Hub dataset id ``ORG/NAME`` (or ``ORG/NAME@revision``), with an optional config name, split
+  and revision. With ``HF_HUB_OFFLINE=1`` (or no network) it loads from the hub cache's snapshot of that
+  revision; an id missing from the cache is an error that says how to get it;
+* a local file: JSON Lines or JSON (``.jsonl``, ``.json``), Parquet, CSV or Arrow;
+* a folder of such files (splits named by the files, as on the hub: ``train.jsonl``, ``data/test-*.parquet``;
+  a ``README.md`` may declare configs), a glob (``data/*.parquet``) or a folder written by ``save_to_disk``;
+* in Python, an in-memory ``datasets.Dataset`` or a list of dicts.
 
-Text fields are strings or chat messages (lists of ``{"role", "content"}`` dicts). Bad rows are
-reported with their 0-based row number before any training starts; they are either an error or
-skipped with a logged count, never dropped silently. Files are streamed into a memory-mapped Arrow
-file and checked a batch of rows at a time, so memory does not grow with the dataset. Row numbers are 0-based everywhere; JSON Lines
-parse errors name the 1-based line of the file, as editors do.
+Local files are read once and kept as a memory-mapped Arrow copy in ``.mmpref_cache/rows-<hash>`` beside them,
+keyed by a hash of the files' bytes: an edited file makes a new entry, an unchanged one is not read again.
+Hub data lives in the ``datasets`` cache, keyed by the hub commit. Caches derived from the rows (prompt and
+CLIP embeddings, latents) go to :attr:`TextDataset.cache_dir`: the same ``.mmpref_cache`` folder for local
+files, ``<datasets cache>/mmpref`` for hub and in-memory data. Files as other tools write them (a UTF-8
+byte-order mark, CRLF line ends) read as the same data as clean files. A JSON file that does not load is
+scanned line by line, only then, so the message names the line (1-based, as editors number them).
+
+Formats (TRL's, DESIGN §7), each standard (strings) or conversational (lists of ``{"role", "content"}``):
+
+* paired, explicit prompt: ``prompt``, ``chosen``, ``rejected`` (+ optional ``score_chosen``, ``score_rejected``);
+  in conversational rows ``chosen`` / ``rejected`` hold only the assistant turn(s);
+* paired, implicit prompt: ``chosen`` and ``rejected`` are whole texts or conversations and the prompt is
+  their common beginning, cut off as TRL's ``extract_prompt`` does (:func:`extract_prompt`); a string
+  ``prompt`` beside conversational ``chosen`` / ``rejected`` is replaced the same way, as TRL's
+  ``maybe_extract_prompt`` does;
+* unpaired: ``prompt``, ``completion``, ``label`` (bool; KTO-style).
+
+Bad rows are reported with their 0-based row number before any training starts; they are either an error or
+skipped with a logged count, never dropped silently. Rows are checked a batch at a time from the Arrow file,
+so memory does not grow with the dataset.
 
 Unicode: any valid text is accepted (emoji, right-to-left scripts, zero-width joiners inside words).
 Two things are not: a lone surrogate (``"\\ud800"`` in JSON; it is not a character and cannot be
@@ -20,12 +41,14 @@ that differ only in invisible characters or in Unicode normalisation (NFC) count
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
 from array import array
@@ -38,20 +61,25 @@ import datasets
 import pyarrow as pa
 import torch
 
-from mmpref.hub import SENTENCE_TRANSFORMERS, resolve_model
+from mmpref.hub import HUB_ID, SENTENCE_TRANSFORMERS, resolve_model, split_revision
 
 logger = logging.getLogger(__name__)
 
 PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
 SCORE_COLUMNS = ("score_chosen", "score_rejected")
-JSON_SUFFIXES = (".jsonl", ".json")
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+FILE_KINDS = {"json": "JSON", "parquet": "Parquet", "csv": "CSV", "arrow": "Arrow"}
+# A JSON column of mixed types fails to load and is then named by its line, instead of becoming a column of
+# JSON-encoded values (datasets' default) whose rows would hold different Python types.
+BUILDER_OPTIONS: dict[str, dict[str, Any]] = {"json": {"on_mixed_types": None}}
 ACCEPTED_SOURCES = (
-    "a JSON Lines file (.jsonl/.json), a Parquet file (.parquet) or a folder saved with Dataset.save_to_disk"
+    "a hub dataset id (ORG/NAME), a JSON Lines, JSON, Parquet, CSV or Arrow file (.jsonl, .json, .parquet, "
+    ".csv, .arrow), a folder or glob of such files, or a folder saved with Dataset.save_to_disk"
 )
 ACCEPTED_FORMATS = (
-    "paired (prompt, chosen, rejected; optional score_chosen, score_rejected) "
-    "or unpaired (prompt, completion, label)"
+    "paired (prompt, chosen, rejected, or just chosen and rejected with the prompt at their start; "
+    "optional score_chosen, score_rejected) or unpaired (prompt, completion, label)"
 )
 MAX_LISTED = 20
 
@@ -75,128 +103,372 @@ class BadRow:
 class TextDataset:
     """A validated dataset, its format, and how many bad rows were skipped to get it.
 
-    ``row_numbers[i]`` is the 0-based row of the source file that ``dataset[i]`` came from (skipped rows
-    leave gaps), so messages during training name rows as the file numbers them.
+    ``row_numbers[i]`` is the 0-based row of the source that ``dataset[i]`` came from (skipped rows leave
+    gaps), so messages during training name rows as the source numbers them. ``cache_dir``: where caches
+    derived from these rows belong (module docstring). ``implicit_prompt``: the prompts were cut from
+    ``chosen`` and ``rejected`` (:func:`extract_prompt`).
     """
 
     dataset: datasets.Dataset
     format: str
     skipped: int
-    source: Path
+    source: Path | str
     row_numbers: Sequence[int]
+    cache_dir: Path
+    implicit_prompt: bool = False
 
 
 # ----------------------------------------------------------------------------------------- loading
 
-ROWS_PER_BATCH = 1000  # rows parsed, written and checked at a time: memory stays flat in dataset size
-READER_VERSION = b"mmpref-rows-1"  # part of every Arrow cache key: a change to the reader makes new entries
+ROWS_PER_BATCH = 1000  # rows checked (and prompts extracted) at a time: memory stays flat in dataset size
+READER_VERSION = b"mmpref-rows-2"  # part of every cache key: a change to the reading makes new entries
 
 
-def load_rows(path: str | Path, *, cache_dir: str | Path | None = None) -> datasets.Dataset:
-    """A local JSON Lines / Parquet file or a ``save_to_disk`` folder as a memory-mapped Arrow dataset.
+@dataclass(frozen=True)
+class RowSource:
+    """Rows as loaded, with what messages call them, where their caches go, and the folder relative paths in
+    them (images) start from (None for in-memory and online hub rows)."""
 
-    Files are streamed, :data:`ROWS_PER_BATCH` rows at a time, into an Arrow file in ``cache_dir``
-    (default: ``.mmpref_cache`` beside the file) named by a hash of the file's bytes, so an edited
-    file makes a new entry and an unchanged one is not read again. JSON is parsed with the standard
-    library, so a bad line is reported with its line number instead of an Arrow traceback. Nothing
-    goes through the hub or the ``datasets`` cache.
+    dataset: datasets.Dataset
+    name: Path | str
+    cache_dir: Path
+    folder: Path | None
+
+
+def load_rows(
+    source: Any,
+    *,
+    config_name: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> datasets.Dataset:
+    """The rows of ``source`` (any source of the module docstring) as a memory-mapped ``datasets.Dataset``."""
+    return open_rows(
+        source, config_name=config_name, split=split, revision=revision, cache_dir=cache_dir
+    ).dataset
+
+
+def open_rows(
+    source: Any,
+    *,
+    config_name: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> RowSource:
+    """Load ``source`` (module docstring) through ``datasets``; problems are a :class:`DataError` naming it.
+
+    ``config_name`` picks a configuration of a hub dataset or of a folder with a ``README.md``; ``split`` a
+    split (a single file or glob is the split ``train``); ``revision`` a hub branch, tag or commit (an
+    ``@revision`` in the id wins). ``cache_dir`` replaces the ``.mmpref_cache`` folder beside local files.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder; expected {ACCEPTED_SOURCES}")
+    if isinstance(source, datasets.DatasetDict):
+        source = _pick_split("the in-memory DatasetDict", source, split)
+    if isinstance(source, datasets.Dataset):
+        return RowSource(
+            source.with_format(None), "the in-memory dataset", _cache_root(None, cache_dir), None
+        )
+    if isinstance(source, (list, tuple)):
+        return RowSource(
+            _from_list(source), f"the list of {len(source)} rows", _cache_root(None, cache_dir), None
+        )
+    if not isinstance(source, (str, os.PathLike)):
+        raise DataError(f"a dataset is {ACCEPTED_SOURCES}, a datasets.Dataset or a list of dicts; "
+                        f"got a {type(source).__name__}")  # fmt: skip
+    name, path = Path(source), Path(source).expanduser()
     if path.is_dir():
-        return _load_saved(path)
-    suffix = path.suffix.lower()
-    if suffix not in (*JSON_SUFFIXES, ".parquet"):
-        kind = suffix or "(no extension)"
-        raise DataError(f"{path}: unknown file type {kind!r}; expected {ACCEPTED_SOURCES}")
-    cached = _arrow_cache_file(path, cache_dir)
-    if not cached.is_file():
-        if suffix == ".parquet":
-            schema, tables = _parquet_tables(path)
-        else:
-            schema = _json_schema(path)
-            tables = _json_tables(path, schema)
-        _write_arrow(cached, schema, tables)
-    return datasets.Dataset.from_file(str(cached))
+        cache = _cache_root(path, cache_dir)
+        if _is_saved(path):
+            return RowSource(_load_saved(name, path, split), name, cache, path)
+        return RowSource(_load_files(name, str(path), None, config_name, split, cache), name, cache, path)
+    if path.is_file():
+        builder = BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            kind = path.suffix or "(no extension)"
+            raise DataError(f"{name}: unknown file type {kind!r}; expected {ACCEPTED_SOURCES}")
+        cache = _cache_root(path.parent, cache_dir)
+        rows = _load_files(name, builder, [str(path)], None, split, cache)
+        return RowSource(rows, name, cache, path.parent)
+    if any(c in str(source) for c in "*?["):
+        return _load_glob(name, path, split, cache_dir)
+    if (hub := _hub_id(str(source))) is not None:
+        repo, pinned = hub
+        return _load_hub(repo, config_name, split, pinned or revision)
+    raise DataError(f"{name}: no such file or folder (and not a hub dataset id); expected {ACCEPTED_SOURCES}")
 
 
-def _arrow_cache_file(source: Path, cache_dir: str | Path | None) -> Path:
-    """Where the Arrow copy of ``source`` lives: keyed by the file's bytes, never by its name or mtime."""
-    digest = hashlib.sha256(READER_VERSION + source.suffix.lower().encode())  # the suffix picks the reader
-    with open(source, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    folder = Path(cache_dir) if cache_dir is not None else source.parent / ".mmpref_cache"
+def shared_cache_dir() -> Path:
+    """mmpref's folder in the ``datasets`` cache: the caches of hub and in-memory rows."""
+    return Path(datasets.config.HF_DATASETS_CACHE) / "mmpref"
+
+
+def _cache_root(folder: Path | None, cache_dir: str | Path | None) -> Path:
+    """``cache_dir``, else ``folder/.mmpref_cache`` (the shared folder for rows without one).
+
+    A read-only dataset folder falls back to the temp folder: every entry is keyed by content, so a folder
+    shared by several datasets is safe.
+    """
+    if cache_dir is not None:
+        target = Path(cache_dir)
+    else:
+        target = shared_cache_dir() if folder is None else folder / ".mmpref_cache"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
     except OSError:
         pass
-    if not os.access(folder, os.W_OK):  # a read-only dataset folder: the key makes a shared folder safe
-        folder = Path(tempfile.gettempdir()) / "mmpref_cache"
-        folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"rows-{digest.hexdigest()[:32]}.arrow"
+    if not os.access(target, os.W_OK):
+        target = Path(tempfile.gettempdir()) / "mmpref_cache"
+        target.mkdir(parents=True, exist_ok=True)
+    return target
 
 
-def _write_arrow(target: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
-    """Stream ``tables`` into an Arrow file: temp file + os.replace, so no half-written file is trusted."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp_", suffix=".arrow")
-    os.close(fd)
+def _hub_id(value: str) -> tuple[str, str | None] | None:
+    """``(ORG/NAME, revision or None)`` when ``value`` reads as a hub dataset id rather than a local path."""
+    name, revision = split_revision(value)
+    if value.startswith((".", "/", "~")) or os.sep in value.replace("/", "") or not HUB_ID.fullmatch(name):
+        return None
+    return None if Path(name).suffix.lower() in BUILDERS else (name, revision)
+
+
+def _is_saved(folder: Path) -> bool:
+    """Whether ``folder`` was written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_saved(name: Path, folder: Path, split: str) -> datasets.Dataset:
+    """A ``save_to_disk`` folder, memory-mapped where it is (nothing is copied)."""
     try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for table in tables:
-                writer.write_table(table)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _parquet_tables(path: Path) -> tuple[pa.Schema, Iterator[pa.Table]]:
-    import pyarrow.parquet as pq
-
-    def unreadable(exc: Exception) -> DataError:
-        return DataError(f"{path}: not a readable Parquet file ({exc})")
-
-    try:
-        file = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-        raise unreadable(exc) from exc
-
-    def tables() -> Iterator[pa.Table]:
-        try:
-            for batch in file.iter_batches(batch_size=ROWS_PER_BATCH):
-                yield pa.Table.from_batches([batch])
-        except Exception as exc:  # a truncated column chunk shows only when it is read
-            raise unreadable(exc) from exc
-
-    return file.schema_arrow, tables()
-
-
-def _load_saved(path: Path) -> datasets.Dataset:
-    try:
-        loaded = datasets.load_from_disk(str(path))
+        loaded = datasets.load_from_disk(str(folder))
     except FileNotFoundError as exc:
-        raise DataError(f"{path}: a folder must be one written by Dataset.save_to_disk ({exc})") from exc
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" in loaded:
-            return loaded["train"]
-        if len(loaded) == 1:
-            return next(iter(loaded.values()))
         raise DataError(
-            f"{path}: a DatasetDict with splits {sorted(loaded)} and no 'train' split; save one split"
-        )
-    return loaded
+            f"{name}: a folder must hold data files or be one written by Dataset.save_to_disk ({exc})"
+        ) from exc
+    return _pick_split(name, loaded, split)
+
+
+def _pick_split(
+    name: Path | str, loaded: datasets.Dataset | datasets.DatasetDict, split: str
+) -> datasets.Dataset:
+    """``split`` of ``loaded``; a dataset of one split also stands for the default ``train``."""
+    if isinstance(loaded, datasets.Dataset):
+        if split != "train":
+            raise DataError(f"{name}: holds one split, not a split {split!r}; a folder names its splits by "
+                            "file name (train.jsonl, test.jsonl)")  # fmt: skip
+        return loaded
+    if split in loaded:
+        return loaded[split]
+    if split == "train" and len(loaded) == 1:
+        return next(iter(loaded.values()))
+    raise DataError(f"{name}: no split {split!r}; it has {', '.join(sorted(loaded)) or 'none'} (a single file "
+                    "is the split 'train'; a folder names its splits by file name: train.jsonl, test.jsonl)")  # fmt: skip
+
+
+def _load_glob(name: Path, pattern: Path, split: str, cache_dir: str | Path | None) -> RowSource:
+    """The files a glob matches, read as one split; they must all be of one file type."""
+    import glob
+
+    files = sorted(p for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(f"{name}: the pattern matches no files; expected {ACCEPTED_SOURCES}")
+    builders = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if len(builders) != 1 or None in builders:
+        suffixes = sorted({Path(f).suffix or "(no extension)" for f in files})
+        raise DataError(f"{name}: the pattern matches files of types {', '.join(suffixes)}; it must match "
+                        "files of one type (.jsonl, .json, .parquet, .csv or .arrow)")  # fmt: skip
+    folder = Path(os.path.commonpath([str(Path(f).parent) for f in files]))
+    cache = _cache_root(folder, cache_dir)
+    return RowSource(_load_files(name, builders.pop(), files, None, split, cache), name, cache, folder)
+
+
+def _from_list(rows: Sequence[Any]) -> datasets.Dataset:
+    """A list of dicts as an in-memory dataset; a column of mixed types is named by its rows."""
+    name = f"the list of {len(rows)} rows"
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{name}: row {i} is a {type(row).__name__}, expected a dict")
+    try:
+        return datasets.Dataset.from_list(list(rows))
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        _check_records(name, None, enumerate(rows))
+        raise DataError(f"{name}: not a table ({exc})") from exc
+
+
+def _load_files(
+    name: Path | str,
+    target: str,
+    files: list[str] | None,
+    config_name: str | None,
+    split: str,
+    cache_root: Path,
+) -> datasets.Dataset:
+    """Data files read by ``datasets`` once, then served from a ``save_to_disk`` copy keyed by their bytes.
+
+    ``target`` is a packaged builder (``"json"``, ...) reading ``files``, or a folder whose files (and
+    ``README.md`` configs) ``datasets`` finds itself. The builder works in a scratch cache that is deleted
+    afterwards, so nothing depends on file names or modification times, only on content.
+    """
+    scratch = Path(tempfile.mkdtemp(dir=cache_root, prefix=".tmp_"))
+    try:
+        builder = _builder(name, target, files, config_name, scratch)
+        data_files = {str(s): list(f) for s, f in builder.config.data_files.items()}
+        entry = cache_root / f"rows-{_content_key(builder, data_files, Path(target) / 'README.md')}"
+        if not entry.is_dir():
+            _prepare(name, builder, data_files, scratch, entry)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return _pick_split(name, datasets.load_from_disk(str(entry)), split)
+
+
+def _content_key(builder: datasets.DatasetBuilder, data_files: dict[str, list[str]], readme: Path) -> str:
+    """A hash of how the files are read and of their bytes, split by split (and a folder's README configs)."""
+    digest = hashlib.sha256(READER_VERSION)
+    digest.update(json.dumps([builder.name, builder.config.name, BUILDER_OPTIONS.get(builder.name)]).encode())
+    named = [(split, path) for split, paths in data_files.items() for path in paths]
+    for label, path in [*named, *([("README.md", str(readme))] if readme.is_file() else [])]:
+        digest.update(label.encode() + _file_digest(Path(path)))
+    return digest.hexdigest()[:32]
+
+
+def _builder(
+    name: Path | str, target: str, files: list[str] | None, config_name: str | None, scratch: Path
+) -> datasets.DatasetBuilder:
+    """``datasets``' builder for ``target`` (a packaged builder with ``files``, or a folder), in ``scratch``."""
+    try:
+        builder = datasets.load_dataset_builder(target, name=config_name, data_files=files, cache_dir=str(scratch),
+                                                **BUILDER_OPTIONS.get(target, {}))  # fmt: skip
+        if files is None and builder.name in BUILDER_OPTIONS:  # a folder: its file type is known only now
+            builder = datasets.load_dataset_builder(target, name=config_name, cache_dir=str(scratch),
+                                                    **BUILDER_OPTIONS[builder.name])  # fmt: skip
+    except FileNotFoundError as exc:  # a folder without data files
+        raise DataError(f"{name}: a folder must hold data files (.jsonl, .json, .parquet, .csv, .arrow) or be "
+                        f"one written by Dataset.save_to_disk ({exc})") from exc  # fmt: skip
+    except ValueError as exc:  # e.g. an unknown config name
+        raise DataError(f"{name}: {exc}") from exc
+    return builder
+
+
+def _prepare(name: Path | str, builder: datasets.DatasetBuilder, data_files: dict[str, list[str]], scratch: Path,
+             entry: Path) -> None:  # fmt: skip
+    """Let ``datasets`` read the files, then save every split as the cache ``entry`` (renamed into place
+    when complete, so a half-written entry is never trusted; another process's identical one wins)."""
+    try:
+        builder.download_and_prepare()
+        splits = builder.as_dataset()
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, UnicodeError) as exc:
+        raise _unreadable(
+            name, builder.name, [f for paths in data_files.values() for f in paths], exc
+        ) from exc
+    if builder.name == "csv":
+        splits = splits.map(_lf_line_ends, batched=True, desc="CRLF line ends")
+    saved = scratch / "rows"
+    splits.save_to_disk(str(saved))
+    try:
+        saved.rename(entry)
+    except OSError:
+        if not entry.is_dir():
+            raise
+
+
+def _lf_line_ends(batch: dict[str, list]) -> dict[str, list]:
+    """CRLF inside CSV cells as LF, so a file saved with Windows line ends holds the same texts."""
+    return {
+        k: [v.replace("\r\n", "\n") if isinstance(v, str) else v for v in values]
+        for k, values in batch.items()
+    }
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()
+
+
+def _unreadable(name: Path | str, builder: str, files: list[str], exc: Exception) -> DataError:
+    """The error for files ``datasets`` could not read: the bad line when a scan finds one, else its reason."""
+    for f in files:
+        if builder == "json":
+            _diagnose_json(Path(f))
+        elif builder == "csv":
+            _diagnose_utf8(Path(f))
+    cause = exc.__cause__ or exc  # datasets wraps the parser's error in DatasetGenerationError
+    where = files[0] if len(files) == 1 else name
+    return DataError(f"{where}: not a readable {FILE_KINDS.get(builder, builder)} file ({cause})")
+
+
+def _load_hub(repo: str, config_name: str | None, split: str, revision: str | None) -> RowSource:
+    """A hub dataset: online through ``load_dataset``; offline (or unreachable) from the cached snapshot."""
+    from huggingface_hub import constants
+
+    where = f"{repo}@{revision}" if revision else repo
+    name = f"{where} ({f'config {config_name!r}, ' if config_name else ''}split {split!r})"
+    offline = bool(datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE)
+    if not offline:
+        try:
+            ds = datasets.load_dataset(repo, name=config_name, split=split, revision=revision)
+            return RowSource(ds, name, _cache_root(None, None), None)
+        except ConnectionError:
+            pass  # no network: the cached snapshot, if there is one
+        except FileNotFoundError as exc:  # DatasetNotFoundError, DataFilesNotFoundError
+            raise DataError(f"{where}: {exc} (a typo, or a private dataset: log in with `hf auth login` or "
+                            "set HF_TOKEN; a local path works too)") from exc  # fmt: skip
+        except ValueError as exc:  # an unknown config or split
+            raise DataError(f"{name}: {exc}") from exc
+    folder = _cached_snapshot(repo, revision, where, offline)
+    try:
+        ds = datasets.load_dataset(str(folder), name=config_name, split=split)
+    except FileNotFoundError as exc:
+        raise DataError(f"{name}: the cached snapshot {folder} holds no data files for it ({exc})") from exc
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, UnicodeError) as exc:
+        raise DataError(f"{name}: {exc.__cause__ or exc}") from exc
+    return RowSource(ds, name, _cache_root(None, None), folder)
+
+
+def _cached_snapshot(repo: str, revision: str | None, where: str, offline: bool) -> Path:
+    """The hub cache's snapshot folder of ``repo`` at ``revision`` (default ``main``), never downloading."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError as exc:
+        why = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else "the hub cannot be reached"
+        raise DataError(
+            f"{where}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; download it "
+            f"once (`hf download {repo} --repo-type dataset`, or a run without HF_HUB_OFFLINE), unset "
+            "HF_HUB_OFFLINE, or give a local path"
+        ) from exc
+    except HFValidationError as exc:
+        raise DataError(f"{where}: not a valid hub dataset id ({exc})") from exc
+
+
+# ------------------------------------------------------------ diagnostics of files that did not load
+
+
+def _diagnose_json(path: Path) -> None:
+    """Raise a DataError naming the first line (or array item) of ``path`` that keeps it from loading.
+
+    Runs only after ``datasets`` failed on the file: Arrow's errors name no line, this names it as an
+    editor numbers it. Finding nothing, it returns and the caller reports Arrow's reason.
+    """
+    where, records = _json_records(path)
+    _check_records(path, where, records)
+
+
+def _diagnose_utf8(path: Path) -> None:
+    """Raise a DataError naming the first line of ``path`` that is not UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            _utf8(path, raw, lineno)
 
 
 def _json_records(path: Path) -> tuple[str, Iterator[tuple[int, dict[str, Any]]]]:
-    """``("line", (line number, object) ...)`` for JSON Lines, ``("item", ...)`` for one JSON array.
-
-    JSON Lines is read line by line; an array file (a rarer, smaller format) is parsed whole.
-    """
+    """``("line", (line number, object) ...)`` for JSON Lines, ``("item", ...)`` for one JSON array."""
     with open(path, "rb") as f:
         first = next((line for line in f if line.strip()), b"")
-    if first.lstrip().startswith(b"["):
+    if first.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
         text = _utf8(path, path.read_bytes())
         try:
             records = json.loads(text)
@@ -221,7 +493,9 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _utf8(path: Path, raw: bytes, lineno: int = 1) -> str:
-    """``raw`` decoded; not UTF-8 is an error naming the line (``lineno`` is that of ``raw``'s start)."""
+    """``raw`` decoded (a byte-order mark at the file's start dropped); not UTF-8 is an error naming the line."""
+    if lineno == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -238,38 +512,45 @@ def _objects(path: Path, where: str, numbered: Iterable[tuple[int, Any]]) -> Ite
         yield n, record
 
 
-def _json_schema(path: Path) -> pa.Schema:
-    """First pass: check every record and infer the columns' Arrow types, batch by batch.
+def _check_records(
+    name: Path | str, where: str | None, numbered: Iterable[tuple[int, dict[str, Any]]]
+) -> None:
+    """Raise a DataError for the first value Arrow cannot store: a lone surrogate, or a column (or a field
+    inside one, such as ``chosen[].content``) whose values differ in type from the first row that has one.
 
-    Keys missing from early rows still become columns; a value Arrow cannot store (a lone surrogate,
-    a column whose JSON types differ) is named by its row and line.
+    ``numbered`` yields (line or item number, record); ``where`` says which (None: the row number alone).
     """
-    where, records = _json_records(path)
-    keys: dict[str, None] = {}  # every key, in first-seen order
-    first_kind: dict[str, tuple[int, int, str]] = {}  # column -> (row, number, JSON type) of its first value
-    schema, batch, numbers = pa.schema([]), [], []
-    for row, (n, record) in enumerate(records):
+
+    def at(row: int, n: int) -> str:
+        return f"row {row}" + (f" ({where} {n})" if where else "")
+
+    first: dict[str, tuple[int, int, str]] = {}  # column -> (row, number, type) of its first value
+    for row, (n, record) in enumerate(numbered):
         for key, value in record.items():
-            keys.setdefault(key)
-            if (problem := _surrogate_problem(value)) is not None:  # Arrow cannot store it: name it first
-                raise DataError(f"{path}: {where} {n}: {key!r} {problem}")
-            if value is None:
-                continue
-            kind = _json_kind(value)
-            first = first_kind.setdefault(key, (row, n, kind))
-            if kind != first[2]:
+            if (problem := _surrogate_problem(value)) is not None:
                 raise DataError(
-                    f"{path}: column {key!r} mixes types: row {first[0]} ({where} {first[1]}) holds a {first[2]}, "
-                    f"row {row} ({where} {n}) a {kind}; every row needs the same type"
+                    f"{name}: {at(row, n) if where is None else f'{where} {n}'}: {key!r} {problem}"
                 )
-        batch.append(record)
-        numbers.append(n)
-        if len(batch) == ROWS_PER_BATCH:
-            schema = _widen(path, where, schema, batch, numbers, keys)
-            batch, numbers = [], []
-    if batch:
-        schema = _widen(path, where, schema, batch, numbers, keys)
-    return pa.schema([schema.field(k) for k in keys])
+            for column, kind in _kinds(key, value):
+                seen = first.setdefault(column, (row, n, kind))
+                if kind != seen[2]:
+                    raise DataError(
+                        f"{name}: column {column!r} mixes types: {at(*seen[:2])} holds a {seen[2]}, "
+                        f"{at(row, n)} a {kind}; every row needs the same type"
+                    )
+
+
+def _kinds(column: str, value: Any) -> Iterator[tuple[str, str]]:
+    """``(column, JSON type)`` of ``value`` and of everything inside it (``x[]`` items, ``x.key`` fields)."""
+    if value is None:
+        return
+    yield column, _json_kind(value)
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _kinds(f"{column}.{key}", inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _kinds(f"{column}[]", inner)
 
 
 def _json_kind(value: Any) -> str:
@@ -278,38 +559,84 @@ def _json_kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _widen(
-    path: Path, where: str, schema: pa.Schema, batch: list[dict], numbers: list[int], keys: Iterable[str]
-) -> pa.Schema:
-    """``schema`` widened to hold ``batch`` too (null → any type, int → float, new struct fields)."""
-    try:
-        found = pa.schema([(k, pa.array([r.get(k) for r in batch]).type) for k in keys])
-        return pa.unify_schemas([schema, found], promote_options="permissive")
-    except (TypeError, ValueError, OverflowError) as exc:  # ArrowTypeError and ArrowInvalid among them
-        raise DataError(f"{path}: {where}s {numbers[0]} to {numbers[-1]}: {exc}") from exc
+# ------------------------------------------------------------------------------------- implicit prompt
 
 
-def _json_tables(path: Path, schema: pa.Schema) -> Iterator[pa.Table]:
-    """Second pass: the records as Arrow tables of :data:`ROWS_PER_BATCH` rows, all of ``schema``."""
-    batch = []
-    for _, record in _json_records(path)[1]:
-        batch.append(record)
-        if len(batch) == ROWS_PER_BATCH:
-            yield pa.Table.from_pylist(batch, schema=schema)
-            batch = []
-    if batch:
-        yield pa.Table.from_pylist(batch, schema=schema)
+def extract_prompt(chosen: str | list, rejected: str | list) -> tuple[str | list, str | list, str | list]:
+    """``(prompt, chosen, rejected)`` with the prompt cut from the start of both, as TRL's ``extract_prompt``.
+
+    The prompt is the longest common prefix: of characters for strings, of whole messages for
+    conversations. When a string prefix ends in a space, the space goes to the responses. Written as TRL
+    writes it (``trl.data_utils.extract_prompt``), edge cases included, so a dataset gives the same prompts
+    in both: when one side starts with the whole other side, the last shared element still goes to the
+    responses; when the first elements already differ, a space at the very end of ``chosen`` moves one
+    character. Both sides must be non-empty.
+    """
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # the space before the responses is theirs
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _is_chat(feature: Any) -> bool:
+    """Whether a column holds conversations (lists of message structs) by its feature type."""
+    return isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(feature.feature, dict)
+
+
+def needs_prompt_extraction(features: datasets.Features) -> bool:
+    """Paired rows whose prompt is inside ``chosen`` and ``rejected``: no ``prompt`` column, or a string
+    prompt beside conversations (TRL's ``maybe_extract_prompt``)."""
+    if "prompt" not in features:
+        return True
+    return _is_chat(features["chosen"]) and not _is_chat(features["prompt"])
+
+
+def _extracted(batch: dict[str, list]) -> dict[str, list]:
+    """A batch of rows with their prompts cut out; rows it cannot split keep ``prompt`` None (a bad row)."""
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
+    for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
+        same_kind = isinstance(chosen, str) == isinstance(rejected, str)
+        if (
+            same_kind
+            and isinstance(chosen, (str, list))
+            and isinstance(rejected, (str, list))
+            and chosen
+            and rejected
+        ):
+            parts = extract_prompt(chosen, rejected)
+        else:
+            parts = (None, chosen, rejected)
+        for key, part in zip(out, parts):
+            out[key].append(part)
+    return out
+
+
+def _with_extracted_prompts(ds: datasets.Dataset, cache_dir: Path) -> datasets.Dataset:
+    """``ds`` with ``prompt`` cut from ``chosen`` / ``rejected``: an Arrow file in ``cache_dir`` keyed by the
+    rows' fingerprint (rows in memory stay in memory), written a batch at a time."""
+    options: dict[str, Any] = {"keep_in_memory": True}
+    if ds.cache_files:
+        key = hashlib.sha256(READER_VERSION + ds._fingerprint.encode()).hexdigest()[:32]
+        options = {"cache_file_name": str(cache_dir / f"implicit-prompt-{key}.arrow")}
+    drop = ["prompt"] if "prompt" in ds.column_names else []
+    return ds.map(_extracted, batched=True, batch_size=ROWS_PER_BATCH, remove_columns=drop,
+                  desc="implicit prompts", **options)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ validation
 
 
 def detect_format(columns: Iterable[str]) -> str:
-    """Return ``"paired"`` or ``"unpaired"`` from the column names (paired wins if both fit)."""
+    """Return ``"paired"`` or ``"unpaired"`` from the column names (paired wins if both fit).
+
+    Paired rows need ``chosen`` and ``rejected``; without ``prompt`` the prompt is implicit in them.
+    """
     present = set(columns)
     missing = {
-        fmt: [c for c in cols if c not in present]
-        for fmt, cols in (("paired", PAIRED_COLUMNS), ("unpaired", UNPAIRED_COLUMNS))
+        "paired": [c for c in PAIRED_COLUMNS[1:] if c not in present],
+        "unpaired": [c for c in UNPAIRED_COLUMNS if c not in present],
     }
     for fmt, absent in missing.items():
         if not absent:
@@ -321,11 +648,12 @@ def detect_format(columns: Iterable[str]) -> str:
     )
 
 
-def validate_rows(ds: datasets.Dataset, fmt: str) -> list[BadRow]:
+def validate_rows(ds: datasets.Dataset, fmt: str, *, implicit_prompt: bool = False) -> list[BadRow]:
     """Every bad row of ``ds`` (one entry per row, all its problems joined by "; ").
 
     One pass, :data:`ROWS_PER_BATCH` rows at a time: fast enough for 100k rows, flat in memory, and
-    it runs before training so a bad row costs seconds, not a crashed run.
+    it runs before training so a bad row costs seconds, not a crashed run. ``implicit_prompt``: the
+    prompts were cut from ``chosen`` / ``rejected``, so a missing prompt is reported as such.
     """
     if fmt not in ("paired", "unpaired"):
         raise ValueError(f"fmt must be 'paired' or 'unpaired', got {fmt!r}")
@@ -335,7 +663,7 @@ def validate_rows(ds: datasets.Dataset, fmt: str) -> list[BadRow]:
     wanted = [*text_cols, *([] if fmt == "paired" else ["label"]), *scores]
     bad = []
     for i, row in enumerate(iter_rows(ds.select_columns(wanted))):
-        if reasons := row_problems(row, fmt, scores):
+        if reasons := row_problems(row, fmt, scores, implicit_prompt=implicit_prompt):
             bad.append(BadRow(i, "; ".join(reasons)))
     return bad
 
@@ -354,13 +682,20 @@ def _has_values(ds: datasets.Dataset, column: str) -> bool:
     return any(b.column(0).null_count < b.num_rows for b in arrow.iter(batch_size=ROWS_PER_BATCH * 100))
 
 
-def row_problems(row: dict[str, Any], fmt: str, score_columns: Sequence[str] = ()) -> list[str]:
+def row_problems(
+    row: dict[str, Any], fmt: str, score_columns: Sequence[str] = (), *, implicit_prompt: bool = False
+) -> list[str]:
     """Every problem of one row (empty list: a good row); ``score_columns`` are checked when given.
 
-    Total over any input: whatever the values, it returns reasons and never raises.
+    Total over any input: whatever the values, it returns reasons and never raises. With
+    ``implicit_prompt`` the prompt was cut from ``chosen`` / ``rejected``: an empty one means they share
+    no beginning, reported once the two themselves are fine.
     """
     text_cols = ("prompt", "chosen", "rejected") if fmt == "paired" else ("prompt", "completion")
-    reasons = [r for c in text_cols if (r := _text_problem(c, row.get(c)))]
+    checked = [c for c in text_cols if not (implicit_prompt and c == "prompt")]
+    reasons = [r for c in checked if (r := _text_problem(c, row.get(c)))]
+    if implicit_prompt and not reasons and _text_problem("prompt", row.get("prompt")):
+        reasons.append("no prompt: 'chosen' and 'rejected' do not start with a common prompt")
     if fmt == "paired":
         if not reasons and _normalise(row["chosen"]) == _normalise(row["rejected"]):
             reasons.append("'chosen' and 'rejected' are identical")
@@ -442,7 +777,7 @@ def _normalise(value: str | list[dict[str, str]]) -> Any:
     return [(m["role"], visible(m["content"])) for m in value]
 
 
-def bad_rows_error(source: Path, bad: list[BadRow], total: int) -> DataError:
+def bad_rows_error(source: Path | str, bad: list[BadRow], total: int) -> DataError:
     """One message listing the first bad rows, their count, and how to go on without them."""
     listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED])
     more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
@@ -453,26 +788,37 @@ def bad_rows_error(source: Path, bad: list[BadRow], total: int) -> DataError:
 
 
 def prepare_text_dataset(
-    path: str | Path, *, on_bad_rows: str = "error", cache_dir: str | Path | None = None
+    source: Any,
+    *,
+    on_bad_rows: str = "error",
+    config_name: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> TextDataset:
-    """Load, detect the format and validate: the one call a trainer makes before step 0.
+    """Load, detect the format, extract implicit prompts and validate: the one call a trainer makes before step 0.
 
-    ``on_bad_rows="error"`` stops with a message listing the bad rows; ``"skip"`` drops them and
-    logs how many, so nothing disappears without a trace. ``cache_dir``: see :func:`load_rows`.
+    ``source``: any source of the module docstring, or an in-memory ``datasets.Dataset`` / list of dicts;
+    ``config_name``, ``split``, ``revision``, ``cache_dir``: see :func:`open_rows`. ``on_bad_rows="error"``
+    stops with a message listing the bad rows; ``"skip"`` drops them and logs how many, so nothing
+    disappears without a trace.
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
-    source = Path(path)
-    ds = load_rows(source, cache_dir=cache_dir)
+    rows = open_rows(source, config_name=config_name, split=split, revision=revision, cache_dir=cache_dir)
+    ds, name = rows.dataset, rows.name
     try:
         fmt = detect_format(ds.column_names)
     except DataError as exc:
-        raise DataError(f"{source}: {exc}") from exc
+        raise DataError(f"{name}: {exc}") from exc
     if ds.num_rows == 0:
-        raise DataError(f"{source}: no rows")
-    bad = validate_rows(ds, fmt)
+        raise DataError(f"{name}: no rows")
+    implicit = fmt == "paired" and needs_prompt_extraction(ds.features)
+    if implicit:
+        ds = _with_extracted_prompts(ds, rows.cache_dir)
+    bad = validate_rows(ds, fmt, implicit_prompt=implicit)
     if bad and on_bad_rows == "error":
-        raise bad_rows_error(source, bad, ds.num_rows)
+        raise bad_rows_error(name, bad, ds.num_rows)
     row_numbers: Sequence[int] = range(ds.num_rows)
     if bad:
         drop = {b.row for b in bad}
@@ -480,16 +826,36 @@ def prepare_text_dataset(
         ds = ds.select(row_numbers, keep_in_memory=True)  # an index over the Arrow file, no cache file
         logger.warning(
             "%s: skipped %d of %d bad rows (on_bad_rows=skip); first: %s",
-            source,
+            name,
             len(bad),
             len(bad) + ds.num_rows,
             "; ".join(str(b) for b in bad[:3]),
         )
         if ds.num_rows == 0:
-            raise DataError(f"{source}: every row is bad, nothing left to train on; first: {bad[0]}")
+            raise DataError(f"{name}: every row is bad, nothing left to train on; first: {bad[0]}")
     if fmt == "unpaired" and ds.features["label"] != datasets.Value("bool"):
         ds = ds.cast_column("label", datasets.Value("bool"))  # 0/1 ints were accepted above
-    return TextDataset(dataset=ds, format=fmt, skipped=len(bad), source=source, row_numbers=row_numbers)
+    return TextDataset(dataset=ds, format=fmt, skipped=len(bad), source=name, row_numbers=row_numbers,
+                       cache_dir=rows.cache_dir, implicit_prompt=implicit)  # fmt: skip
+
+
+def eval_source(cfg: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Where a training config's eval data comes from: ``(source, open_rows options)``, or None when it is
+    a held-out share of ``dataset`` (a float ``eval_split``) or there is none.
+
+    A string ``eval_split`` names a split of ``eval_dataset``, or of ``dataset`` when no eval_dataset is
+    set; an ``eval_dataset`` without a split name is its ``train`` split (the one split of a file).
+    ``dataset_revision`` applies to both datasets, ``dataset_config`` only to ``dataset`` itself.
+    """
+    named = isinstance(cfg.eval_split, str) and bool(cfg.eval_split)
+    if not cfg.eval_dataset and not named:
+        return None
+    source = cfg.eval_dataset or cfg.dataset
+    return source, {
+        "config_name": cfg.dataset_config if source == cfg.dataset else None,
+        "split": cfg.eval_split if named else "train",
+        "revision": cfg.dataset_revision,
+    }
 
 
 # -------------------------------------------------------------------------------- prompt embeddings

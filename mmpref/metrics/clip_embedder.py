@@ -30,6 +30,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from mmpref.hub import open_clip_name
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "BadImageError",
@@ -300,8 +302,8 @@ class ClipEmbedder:
 
     Args:
         model_name: an open_clip model name (``"ViT-B-32"``, ...), ``"local-dir:FOLDER"``
-            (``open_clip_config.json`` + weights, e.g. from :func:`mmpref.testing.make_tiny_clip`) or a cached
-            ``"hf-hub:org/repo"``.
+            (``open_clip_config.json`` + weights, e.g. from :func:`mmpref.testing.make_tiny_clip`) or a hub id
+            (``ORG/NAME[@rev]`` or ``hf-hub:ORG/NAME``), fetched into the Hugging Face cache (read offline).
         pretrained: for a plain model name, a local checkpoint file or a tag (``"openai"``, ...) whose weights
             are already cached; required there, since random weights would make every score meaningless.
             Ignored by open_clip for ``local-dir:`` / ``hf-hub:``.
@@ -310,6 +312,7 @@ class ClipEmbedder:
         cache_dir: embedding cache root (``None``: no cache). Entries are keyed by the model (name, weights
             file size and mtime) and by each input's SHA-256, so edited images or weights are recomputed.
         progress: show a tqdm bar while embedding uncached inputs (never when quiet or off the main process).
+        key: the config key or option that named the model, for error messages.
     """
 
     def __init__(
@@ -320,10 +323,12 @@ class ClipEmbedder:
         batch_size: int = 32,
         cache_dir: str | Path | None = None,
         progress: bool = True,
+        key: str = "clip_model",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model_name = model_name
+        # a hub id becomes the local-dir: of its cached snapshot (``key`` names it in errors)
+        self.model_name = model_name if model_name.startswith("local-dir:") else open_clip_name(key, model_name)
         self.pretrained = str(pretrained) if pretrained is not None else None
         self.device = torch.device(device)
         self.batch_size = batch_size

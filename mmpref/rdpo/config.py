@@ -130,10 +130,10 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _folder(key: str, value: str, what: str) -> None:
-    if not value:
-        raise ConfigError(f"{key}: required ({what})")
-    if not Path(value).is_dir():
-        raise ConfigError(f"{key}: no model folder at {value} ({what}; mmpref never downloads models)")
+    """``value`` names a transformers model: a hub id (``ORG/NAME[@rev]``) or a folder (:mod:`mmpref.hub`)."""
+    from mmpref.hub import resolve_model
+
+    resolve_model(key, value, what=what)
 
 
 def _device(key: str, value: str) -> None:
@@ -180,7 +180,7 @@ def _common(cfg: Any) -> None:
 
 
 def validate_synth(cfg: SynthConfig) -> SynthConfig:
-    _folder("teacher", cfg.teacher, "the teacher: a local causal-LM folder")
+    _folder("teacher", cfg.teacher, "the teacher: a causal LM")
     _prompts(cfg.prompts, cfg.prompts_file)
     if not cfg.prompt_templates:
         raise ConfigError("prompt_templates: needs at least one template, e.g. ['{prompt}']")

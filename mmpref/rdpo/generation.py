@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from mmpref.data import DataError, load_rows
+from mmpref.hub import split_revision
 from mmpref.rdpo.config import GenerationConfig
 from mmpref.training.config import custom_code_guard
 
@@ -115,10 +116,13 @@ class Generator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = resolve_device(device)
+        name, revision = split_revision(str(path))  # a hub id may pin a revision: ORG/NAME@rev
         with custom_code_guard(path):
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                name, revision=revision, trust_remote_code=trust_remote_code
+            )
             self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
+                name, revision=revision, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
             )
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:

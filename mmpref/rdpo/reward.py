@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from mmpref.data import DataError, load_rows, prompt_text, validate_rows
 from mmpref.data.text import bad_rows_error
+from mmpref.hub import split_revision
 from mmpref.rdpo.config import RULE_PREFIX, EvalRewardConfig, RuleConfig, ScoreConfig
 from mmpref.rdpo.generation import (
     TORCH_DTYPES,
@@ -123,10 +124,13 @@ class ModelReward:
 
         self.name, self.batch_size, self.max_length = path, batch_size, max_length
         self.device = resolve_device(device)
+        name, revision = split_revision(str(path))  # a hub id may pin a revision: ORG/NAME@rev
         with custom_code_guard(path):
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                name, revision=revision, trust_remote_code=trust_remote_code
+            )
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
+                name, revision=revision, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
             )
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"  # over-long inputs lose the start of the prompt

@@ -217,10 +217,6 @@ def _get(cfg: TrainConfig, dotted: str) -> Any:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Range and consistency checks that the types alone do not express."""
-    if not cfg.model:
-        raise ConfigError("model: required (a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local folder)")
-    if not cfg.dataset:
-        raise ConfigError("dataset: required (a hub dataset id, or a local file, folder or glob)")
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             names = ", ".join(str(a) for a in allowed if a is not None)
@@ -293,17 +289,21 @@ def model_source(cfg: TrainConfig):
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
 
 
-def check_paths(cfg: TrainConfig):
+def check_paths(cfg: TrainConfig, *, model_given: bool = False, data_given: bool = False):
     """Before anything loads: every model key names a model (hub id or folder), local datasets exist and
-    ``output_dir`` takes files. Returns the resolved ``model`` (a :class:`mmpref.hub.ModelSource`).
+    ``output_dir`` takes files. Returns the resolved ``model`` (a :class:`mmpref.hub.ModelSource`), or None
+    when the model was ``model_given`` already loaded (the Python API); ``data_given``: the same for data.
 
     A run that would fail on a path fails here, in a second, with the key to fix, and writes nothing.
     """
     from mmpref import hub
 
-    source = model_source(cfg)
+    if not cfg.dataset and not data_given:
+        raise ConfigError("dataset: required (a hub dataset id, or a local file, folder or glob)")
+    source = None if model_given else model_source(cfg)
+    marker = source.marker if source else ""
     rpo = cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal"
-    if rpo and cfg.rpo.embedding_model and source.marker != "model_index.json":
+    if rpo and cfg.rpo.embedding_model and marker != "model_index.json":
         hub.resolve_model("rpo.embedding_model", cfg.rpo.embedding_model, markers=hub.SENTENCE_TRANSFORMERS,
                           what="a sentence-transformers model")  # fmt: skip
     for key in ("dataset", "eval_dataset"):

@@ -111,7 +111,8 @@ class DiffusionTask:
 
     unit = "images"  # what count_units counts, for the throughput report
 
-    def __init__(self, cfg: TrainConfig, accelerator, source: ModelSource | None = None):
+    def __init__(self, cfg: TrainConfig, accelerator, source: ModelSource | None = None, train_dataset=None,
+                 eval_dataset=None):  # fmt: skip
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -431,7 +432,8 @@ class DiffusionTask:
             model = sc.clip_model or self.cfg.rpo.clip_model  # one of them is set (config validation)
             weights = sc.clip_weights if sc.clip_model else self.cfg.rpo.clip_weights
             self._embedder = ClipEmbedder(model, weights, device=self.accelerator.device, progress=False,
-                                          cache_dir=Path(self.cfg.output_dir) / "cache" / "clip")  # fmt: skip
+                                          cache_dir=Path(self.cfg.output_dir) / "cache" / "clip",
+                                          key="samples.clip_model" if sc.clip_model else "rpo.clip_model")  # fmt: skip
         prompts = {path.name: prompt for path, prompt in zip(images, sc.prompts, strict=True)}
         target = sc.style_names.index(sc.style_target) if sc.style_names else None
         result = evaluate_style(self._embedder, images, sc.style_refs, prompts=prompts,

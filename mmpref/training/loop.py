@@ -18,6 +18,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -91,16 +92,23 @@ class _StopRequest:
         self._previous.clear()
 
 
-def build_task(cfg: TrainConfig, accelerator: Accelerator, source: ModelSource | None = None):
-    """The diffusion task for a diffusers pipeline (a ``model_index.json``), else the text task."""
-    source = source or model_source(cfg)
-    if cfg.modality == "diffusion" or (cfg.modality == "auto" and source.marker == "model_index.json"):
+def build_task(cfg: TrainConfig, accelerator: Accelerator, source: ModelSource | None = None, given: dict | None = None):
+    """The diffusion task for a diffusers pipeline (a ``model_index.json``), else the text task.
+
+    ``given``: in-memory ``model``, ``tokenizer``, ``train_dataset``, ``eval_dataset`` (see :func:`train`).
+    """
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    if source is None and "model" not in given:
+        source = model_source(cfg)
+    if cfg.modality == "diffusion" or (cfg.modality == "auto" and source and source.marker == "model_index.json"):
         from mmpref.training.diffusion_task import DiffusionTask
 
-        return DiffusionTask(cfg, accelerator, source)
+        if {"model", "tokenizer"} & set(given):
+            raise ConfigError("model: the diffusion task loads its pipeline from `model` (a hub id or folder)")
+        return DiffusionTask(cfg, accelerator, source, **given)
     from mmpref.training.text_task import TextTask
 
-    return TextTask(cfg, accelerator, source)
+    return TextTask(cfg, accelerator, source, **given)
 
 
 def build_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
@@ -206,21 +214,52 @@ def _skip_or_stop(problem: tuple[str, list[int]], step: int, state: dict, cfg: T
                        f"({state['skipped_steps']} of at most {cfg.max_skipped_steps})")  # fmt: skip
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> Path:
+class Callback:
+    """Hooks into a run, for the Python API (``train(cfg, callbacks=[...])``); override what you need.
+
+    They run on the main process only, between steps: a hook sees the state the loop has then.
+    """
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        """After each logged window of training metrics and after each evaluation."""
+
+    def on_step_end(self, step: int, model: torch.nn.Module) -> None:
+        """After each optimizer step (``model`` as prepared by Accelerate)."""
+
+    def on_train_end(self, final_dir: Path) -> None:
+        """Once ``final_dir`` holds the saved model."""
+
+
+def train(
+    cfg: TrainConfig,
+    resume: str | None = None,
+    *,
+    train_dataset=None,
+    eval_dataset=None,
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
+    callbacks: Sequence[Callback] = (),
+) -> Path:
     """Train as configured; returns the folder of the final model (``output_dir/final``).
 
     ``resume`` ("latest" or a checkpoint folder) continues a run exactly. SIGTERM or SIGINT during the
     steps saves a checkpoint at the next step boundary and raises :class:`TrainingInterrupted`.
+
+    In-memory work, as with TRL's trainer: ``train_dataset`` / ``eval_dataset`` (a ``datasets.Dataset`` or
+    a list of row dicts) replace ``dataset`` / ``eval_dataset``; ``model`` and ``tokenizer`` (text: an
+    already loaded causal LM and its tokenizer) replace ``model``. Rows are validated as files are.
     """
     stop = _StopRequest()
+    given = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer)
     try:
-        return _train(cfg, resume, stop)
+        return _train(cfg, resume, stop, given, list(callbacks))
     finally:
         stop.disarm()
 
 
-def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
-    source = check_paths(cfg)  # a missing model or an unwritable output_dir stops here, before anything is written
+def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict, callbacks: list) -> Path:
+    # a missing model or an unwritable output_dir stops here, before anything is written
+    source = check_paths(cfg, model_given=given["model"] is not None, data_given=given["train_dataset"] is not None)
     out = Path(cfg.output_dir)
     # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
     # CPU machine): ask Accelerate for its multi-CPU (gloo) mode instead of silently running alone.
@@ -236,7 +275,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     set_seed(cfg.seed)
-    task = build_task(cfg, accelerator, source)
+    task = build_task(cfg, accelerator, source, given)
     accum = cfg.gradient_accumulation_steps
     size = len(task.train)
     per_epoch = size // (cfg.batch_size * accelerator.num_processes)
@@ -282,6 +321,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
         if accelerator.is_main_process:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
+            for callback in callbacks:
+                callback.on_log(step, values)
 
     if state["step"] == 0:
         log(evaluate(task, model, cfg, accelerator), 0)
@@ -363,6 +404,9 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
                 scheduler.step()
                 if hasattr(task, "after_optimizer_step"):
                     task.after_optimizer_step(model)
+                if accelerator.is_main_process:
+                    for callback in callbacks:
+                        callback.on_step_end(step, model)
                 if grad_norm is not None:
                     step_sums["grad_norm"] = float(grad_norm) * accum
                 for k, v in step_sums.items():  # skipped steps stay out of the logged means
@@ -411,14 +455,16 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
         # after save: peft's save_pretrained writes a README.md of its own
         write_model_card(staging, cfg, source, final_eval, diffusion=task.unit == "images", steps=state["step"],
                          processes=accelerator.num_processes, sdxl=getattr(task, "is_sdxl", False),
-                         location=cfg.hub_model_id if cfg.push_to_hub else str(final))  # fmt: skip
+                         location=cfg.hub_model_id if cfg.push_to_hub else str(final),
+                         model=accelerator.unwrap_model(model))  # fmt: skip
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         summary = {"train_seconds": round(elapsed, 2), f"{task.unit}_per_second": round(units / max(elapsed, 1e-9), 1),
                    "peak_gpu_memory_gib": peak, "peak_host_rss_gib": peak_host_rss_gib(),
-                   "skipped_steps": state["skipped_steps"], **final_eval}  # fmt: skip
+                   "skipped_steps": state["skipped_steps"], "steps": state["step"],
+                   "mixed_precision": accelerator.mixed_precision, **final_eval}  # fmt: skip
         if accelerator.scaler is not None:
             summary["scaler_skipped_steps"] = state["scaler_skipped_steps"]
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -427,6 +473,9 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> Path:
     accelerator.end_training()
     if cfg.push_to_hub and accelerator.is_main_process:  # last: a failed upload leaves the run complete on disk
         push_to_hub(final, cfg)
+    if accelerator.is_main_process:
+        for callback in callbacks:
+            callback.on_train_end(final)
     return final
 
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+from torch import nn
 
 from mmpref.hub import HUB_ID, ModelSource, split_revision
 from mmpref.training.config import DATA_SUFFIXES, TrainConfig
@@ -65,7 +66,9 @@ def _method(cfg: TrainConfig, diffusion: bool) -> str:
     return text + "."
 
 
-def _hyperparameters(cfg: TrainConfig, diffusion: bool, steps: int, processes: int) -> dict[str, object]:
+def _hyperparameters(
+    cfg: TrainConfig, diffusion: bool, steps: int, processes: int, lora_targets: list[str]
+) -> dict[str, object]:
     loss, lora = cfg.loss, cfg.lora
     rows: dict[str, object] = {"loss": loss.type, "β": loss.beta}
     if loss.type == "rpo":
@@ -96,7 +99,7 @@ def _hyperparameters(cfg: TrainConfig, diffusion: bool, steps: int, processes: i
         rows.update({"max length": cfg.max_length, "max prompt length": cfg.max_prompt_length})
     if lora is not None:
         rows.update({"LoRA r": lora.r, "LoRA alpha": lora.alpha, "LoRA dropout": lora.dropout,
-                     "LoRA target modules": ", ".join(lora.target_modules)})  # fmt: skip
+                     "LoRA target modules": ", ".join(lora_targets)})  # fmt: skip
     return rows
 
 
@@ -135,14 +138,19 @@ def _usage(cfg: TrainConfig, base: str, diffusion: bool, sdxl: bool, location: s
 
 
 def write_model_card(folder: Path, cfg: TrainConfig, source: ModelSource | None, metrics: dict[str, float], *,
-                     diffusion: bool, steps: int, processes: int = 1, sdxl: bool = False,
-                     location: str = "final") -> Path:  # fmt: skip
+                     diffusion: bool, steps: int, processes: int = 1, sdxl: bool = False, location: str = "final",
+                     model: nn.Module | None = None) -> Path:  # fmt: skip
     """Write ``folder/README.md``: Hub metadata, method, hyperparameters, final metrics, how to load the model
     (from ``location``), and for diffusion the last sample grid, copied beside it.
 
     ``source``: the resolved base model; only a hub model goes into the metadata (a folder is named in the text).
+    ``model``: the trained model, whose adapter names the modules LoRA was applied to.
     """
     folder = Path(folder)
+    lora_targets: list[str] = []
+    if cfg.lora is not None:  # as applied: the diffusion task swaps the LM default names for the UNet's
+        adapter = getattr(model, "peft_config", {}).get("default")
+        lora_targets = sorted(adapter.target_modules if adapter is not None else cfg.lora.target_modules)
     hub = source is not None and source.is_hub
     base_name = source.name if source is not None else cfg.model
     base_args = f'"{base_name}"' + (f', revision="{source.revision}"' if hub and source.revision else "")
@@ -163,8 +171,14 @@ def write_model_card(folder: Path, cfg: TrainConfig, source: ModelSource | None,
     )  # fmt: skip
 
     kind = "A LoRA adapter for" if cfg.lora is not None else "A fine-tune of"
-    trained_on = f"`{cfg.dataset}`" + (f" (evaluated on `{cfg.eval_dataset}`)" if cfg.eval_dataset else "")
-    settings = _table(("setting", "value"), _hyperparameters(cfg, diffusion, steps, processes))
+    trained_on = f"`{cfg.dataset}`"
+    if cfg.eval_dataset:
+        trained_on += f" (evaluated on `{cfg.eval_dataset}`)"
+    elif isinstance(cfg.eval_split, str):
+        trained_on += f" (evaluated on its `{cfg.eval_split}` split)"
+    elif cfg.eval_split:
+        trained_on += f" (evaluated on a held-out {cfg.eval_split:.0%} of it)"
+    settings = _table(("setting", "value"), _hyperparameters(cfg, diffusion, steps, processes, lora_targets))
     sections = [
         f"# {cfg.hub_model_id or Path(cfg.output_dir).resolve().name}",
         f"{kind} `{base_name}`, preference-trained with mmpref on {trained_on}.",
@@ -192,7 +206,7 @@ def push_to_hub(folder: Path, cfg: TrainConfig) -> str:
     from huggingface_hub import HfApi
 
     api, repo = HfApi(), cfg.hub_model_id
-    message = f"mmpref: {cfg.loss.type} preference training, {Path(cfg.output_dir).resolve().name}"
+    message = f"mmpref: {cfg.loss.type} training run {Path(cfg.output_dir).resolve().name}"
     try:
         repo = api.create_repo(repo, private=cfg.hub_private, exist_ok=True).repo_id  # NAME -> USER/NAME
         api.upload_folder(folder_path=folder, repo_id=repo, commit_message=message)

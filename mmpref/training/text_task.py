@@ -141,9 +141,9 @@ class TextTask:
     """Causal-LM preference training (DESIGN §1): ℓ from summed response log-probs."""
 
     def __init__(self, cfg: TrainConfig, accelerator, source: ModelSource | None = None,
-                 model: nn.Module | None = None, tokenizer=None):  # fmt: skip
+                 model: nn.Module | None = None, tokenizer=None, train_dataset=None, eval_dataset=None):  # fmt: skip
         """``source``: the resolved ``model`` key (default: resolved here), unless ``model`` and ``tokenizer``
-        are given already loaded."""
+        are given already loaded; ``train_dataset`` / ``eval_dataset`` (in memory) replace the config's."""
         self.reference_free = (cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type) == "simpo"
         frozen_copy = not self.reference_free and not cfg.precompute_ref and cfg.lora is None
         check_scale_out(cfg, accelerator, frozen_reference=frozen_copy, text=True)

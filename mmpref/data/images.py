@@ -1,10 +1,15 @@
 """Image preference data (Pick-a-Pic format), the training transform and CLIP embeddings (DESIGN §5, §7).
 
-Rows hold ``caption``, ``jpg_0``, ``jpg_1`` and ``label_0``:
+Rows come from any source :func:`mmpref.data.text.open_rows` reads (a hub id such as
+``yuvalkirstain/pickapic_v2``, a local file, folder, glob or ``save_to_disk`` folder, or rows in memory) and
+hold ``caption``, ``jpg_0``, ``jpg_1`` and ``label_0``:
 
-* images are raw bytes, ``{"bytes": ..., "path": ...}`` dicts (the ``datasets`` Image feature), or file
-  paths, relative to the dataset file's folder (or absolute). A path must stay inside that folder once
-  resolved (``..`` and symbolic links followed): a dataset cannot make mmpref read ``/etc/passwd``;
+* images are raw bytes (Pick-a-Pic's binary columns), ``datasets.Image`` features (read undecoded, as
+  ``{"bytes": ..., "path": ...}``), or file paths: absolute, or relative to ``image_root`` when given, else to
+  the dataset file's folder (the folder itself for a folder source, the cached snapshot for a hub dataset
+  read offline, the working directory for rows in memory). ``confine_image_paths`` is for data you do not
+  trust: every path must then stay inside that folder once resolved (``..`` and symbolic links followed),
+  so a dataset cannot make mmpref read ``/etc/passwd``;
 * an image may have at most :data:`MAX_IMAGE_PIXELS` pixels, checked from its header before decoding,
   so a tiny file that claims a huge size (a decompression bomb) is a bad row, not an exhausted memory;
 * ``label_0`` is 1 (``jpg_0`` preferred), 0 (``jpg_1`` preferred) or 0.5 (a tie: dropped and counted,
@@ -36,11 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image
 
-from mmpref.data.text import BadRow, DataError, _text_problem, bad_rows_error, load_rows
+from mmpref.data.text import BadRow, DataError, _text_problem, bad_rows_error, iter_rows, open_rows
 from mmpref.errors import ConfigError
 from mmpref.hub import open_clip_name
 
@@ -65,10 +71,14 @@ class ImagePair:
 
 @dataclass
 class ImageDataset:
+    """The usable pairs of a source and what was dropped; ``cache_dir``: where caches derived from them go
+    (latents, CLIP embeddings), as :class:`mmpref.data.text.TextDataset`'s."""
+
     pairs: list[ImagePair]
     skipped: int  # bad rows dropped with on_bad_rows=skip
     ties: int  # label_0 == 0.5 rows, dropped by design
-    source: Path
+    source: Path | str
+    cache_dir: Path
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -87,13 +97,14 @@ def load_image(ref: ImageRef) -> Image.Image:
         return img.convert("RGB")
 
 
-def _resolve(value: Any, base: Path) -> tuple[ImageRef | None, str | None]:
-    """(reference, problem) of one image cell; file paths must resolve to a file inside ``base``."""
+def _resolve(value: Any, base: Path, confine: bool = False) -> tuple[ImageRef | None, str | None]:
+    """(reference, problem) of one image cell; relative paths start at ``base``, and with ``confine`` every
+    path must resolve to a file inside it."""
     if value is None:
         return None, "missing"
     if isinstance(value, dict):  # datasets' Image feature
         if value.get("bytes"):
-            return _resolve(value["bytes"], base)
+            return _resolve(value["bytes"], base, confine)
         value = value.get("path")
         if not value:
             return None, "missing"
@@ -106,13 +117,14 @@ def _resolve(value: Any, base: Path) -> tuple[ImageRef | None, str | None]:
             return None, "path holds a NUL character"
         root = base.resolve()
         try:
-            path = (root / value).resolve()  # an absolute value replaces root; symlinks are followed
+            # an absolute value replaces root; symlinks are followed
+            path = (root / Path(value).expanduser()).resolve()
         except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, an unencodable name
             return None, f"path {value!r} does not resolve ({exc})"
-        if not path.is_relative_to(root):
+        if confine and not path.is_relative_to(root):
             return None, (
-                f"path {value!r} points outside the dataset folder {root}; image paths must stay "
-                "inside the folder of the dataset file (copy the images there, or store them as bytes)"
+                f"path {value!r} points outside the dataset folder {root}; with confine_image_paths, image "
+                "paths must stay inside it (copy the images there, or store them as bytes)"
             )
         try:
             return (path, None) if path.is_file() else (None, f"no such file {path}")
@@ -148,10 +160,11 @@ def _label_problem(label: Any) -> str | None:
 
 
 def image_row_problems(
-    caption: Any, jpg_0: Any, jpg_1: Any, label: Any, base: Path
+    caption: Any, jpg_0: Any, jpg_1: Any, label: Any, base: Path, *, confine: bool = False
 ) -> tuple[list[str], list[ImageRef | None], list[bytes | None]]:
     """(problems, image references, image bytes) of one row; no problems means a usable row.
 
+    Relative image paths start at ``base``; ``confine`` keeps every path inside it (module docstring).
     Total over any input: whatever the values, it returns reasons and never raises. Every image is
     decoded here, so a corrupt file is a bad row before training, not a crash at step N.
     """
@@ -166,7 +179,7 @@ def image_row_problems(
     refs, blobs = [], []
     for name, value in (("jpg_0", jpg_0), ("jpg_1", jpg_1)):
         data = None
-        ref, problem = _resolve(value, base)
+        ref, problem = _resolve(value, base, confine)
         if problem is None:
             try:
                 data = read_image_bytes(ref)
@@ -183,29 +196,51 @@ def image_row_problems(
     return reasons, refs, blobs
 
 
-def prepare_image_dataset(path: str | Path, *, on_bad_rows: str = "error") -> ImageDataset:
+def prepare_image_dataset(
+    source: Any,
+    *,
+    on_bad_rows: str = "error",
+    config_name: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    image_root: str | Path | None = None,
+    confine_image_paths: bool = False,
+) -> ImageDataset:
     """Load Pick-a-Pic-style rows, validate every one, order each pair as (chosen, rejected).
 
-    Every image is decoded once here, so a corrupt file stops the run before step 0 (or is skipped).
+    ``source``, ``config_name``, ``split``, ``revision``: as :func:`mmpref.data.text.open_rows` takes them
+    (an in-memory ``datasets.Dataset`` or list of dicts too). ``image_root`` and ``confine_image_paths``:
+    where relative image paths start and whether paths must stay there (module docstring). Rows are read a
+    batch at a time and every image is decoded once here, so a corrupt file stops the run before step 0
+    (or is skipped).
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
-    source = Path(path)
-    ds = load_rows(source)
+    rows = open_rows(source, config_name=config_name, split=split, revision=revision)
+    ds, name = rows.dataset, rows.name
     missing = [c for c in IMAGE_COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(
-            f"{source}: missing columns {', '.join(missing)} (found: {', '.join(ds.column_names) or 'none'}); "
+            f"{name}: missing columns {', '.join(missing)} (found: {', '.join(ds.column_names) or 'none'}); "
             "image preference data needs caption, jpg_0, jpg_1 (bytes or file paths) and label_0 (1, 0 or 0.5)"
         )
     if ds.num_rows == 0:
-        raise DataError(f"{source}: no rows")
-    base = source.parent if source.is_file() else source
-    cols = ds.select_columns(list(IMAGE_COLUMNS)).to_dict()
+        raise DataError(f"{name}: no rows")
+    if image_root is not None:
+        base = Path(image_root).expanduser()
+        if not base.is_dir():
+            raise DataError(f"image_root: no such folder {image_root}")
+    else:
+        base = rows.folder or Path.cwd()
+    ds = ds.select_columns(list(IMAGE_COLUMNS))
+    for column in ("jpg_0", "jpg_1"):  # datasets.Image: the stored bytes / path, not a decoded PIL image
+        if isinstance(ds.features[column], datasets.Image) and ds.features[column].decode:
+            ds = ds.cast_column(column, datasets.Image(decode=False))
     pairs, bad, ties = [], [], 0
-    for i in range(ds.num_rows):
-        caption, label = cols["caption"][i], cols["label_0"][i]
-        reasons, refs, blobs = image_row_problems(caption, cols["jpg_0"][i], cols["jpg_1"][i], label, base)
+    for i, row in enumerate(iter_rows(ds)):
+        caption, label = row["caption"], row["label_0"]
+        reasons, refs, blobs = image_row_problems(caption, row["jpg_0"], row["jpg_1"], label, base,
+                                                  confine=confine_image_paths)  # fmt: skip
         if reasons:
             bad.append(BadRow(i, "; ".join(reasons)))
             continue
@@ -219,15 +254,15 @@ def prepare_image_dataset(path: str | Path, *, on_bad_rows: str = "error") -> Im
         pairs.append(ImagePair(i, caption, refs[order[0]], refs[order[1]], h.hexdigest()))
 
     if bad and on_bad_rows == "error":
-        raise bad_rows_error(source, bad, ds.num_rows)
+        raise bad_rows_error(name, bad, ds.num_rows)
     if bad:
-        logger.warning("%s: skipped %d of %d bad rows (on_bad_rows=skip); first: %s", source, len(bad),
+        logger.warning("%s: skipped %d of %d bad rows (on_bad_rows=skip); first: %s", name, len(bad),
                        ds.num_rows, "; ".join(str(b) for b in bad[:3]))  # fmt: skip
     if ties:
-        logger.info("%s: dropped %d tied rows (label_0 = 0.5)", source, ties)
+        logger.info("%s: dropped %d tied rows (label_0 = 0.5)", name, ties)
     if not pairs:
-        raise DataError(f"{source}: no usable pairs ({len(bad)} bad rows, {ties} ties)")
-    return ImageDataset(pairs=pairs, skipped=len(bad), ties=ties, source=source)
+        raise DataError(f"{name}: no usable pairs ({len(bad)} bad rows, {ties} ties)")
+    return ImageDataset(pairs=pairs, skipped=len(bad), ties=ties, source=name, cache_dir=rows.cache_dir)
 
 
 # --------------------------------------------------------------------------------------- transform

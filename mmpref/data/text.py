@@ -354,11 +354,17 @@ def _prepare(name: Path | str, builder: datasets.DatasetBuilder, data_files: dic
     when complete, so a half-written entry is never trusted; another process's identical one wins)."""
     try:
         builder.download_and_prepare()
-        splits = builder.as_dataset()
     except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, UnicodeError) as exc:
         raise _unreadable(
             name, builder.name, [f for paths in data_files.values() for f in paths], exc
         ) from exc
+    except StopIteration as exc:  # the JSON builder's first look into an empty file
+        raise DataError(f"{name}: no rows (an empty file)") from exc
+    for split, info in builder.info.splits.items():
+        if not info.num_examples:
+            files = data_files.get(split, [])
+            raise DataError(f"{files[0] if len(files) == 1 else name}: no rows (split {split!r})")
+    splits = builder.as_dataset()
     if builder.name == "csv":
         splits = splits.map(_lf_line_ends, batched=True, desc="CRLF line ends")
     saved = scratch / "rows"

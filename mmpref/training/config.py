@@ -31,7 +31,7 @@ class LossConfig:
     gamma: float = 0.5  # SimPO target margin γ
     offset_alpha: float = 1.0  # ODPO: Δ_r = α·log(s_w − s_l) from score columns
     reward_temperature: float = 1.0  # rDPO: p = σ((s_w − s_l)/τ_r) from score columns
-    sft_weight: float = 0.0  # optional NLL on the chosen response (TRL calls this rpo_alpha)
+    sft_weight: float = 0.0  # NLL on the chosen response (TRL: the "sft" loss_type; formerly rpo_alpha)
 
 
 @dataclass

@@ -16,9 +16,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch

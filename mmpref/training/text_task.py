@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mmpref.adapters.causal_lm import TokenizedRow, collate, response_logps, tokenize_row
 from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
-from mmpref.data.text import iter_rows
+from mmpref.data.text import eval_source, iter_rows
 from mmpref.hub import ModelSource
 from mmpref.progress import progress
 from mmpref.training.config import ConfigError, TrainConfig, custom_code_guard, model_source
@@ -121,7 +121,7 @@ class _Split:
         self.embeddings = None
         if want_embeddings:
             self.embeddings = prompt_embeddings(
-                prompts, model=cfg.rpo.embedding_model, cache_dir=Path(data.source).parent / ".mmpref_cache"
+                prompts, model=cfg.rpo.embedding_model, cache_dir=data.cache_dir
             )
         self.ref_logps: Tensor | None = None
 
@@ -159,12 +159,14 @@ class TextTask:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-        train = prepare_text_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows)
+        train = prepare_text_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows, config_name=cfg.dataset_config,
+                                     split=cfg.train_split, revision=cfg.dataset_revision)  # fmt: skip
         # rows are read a batch at a time while tokenizing, not copied to Python
         train_rows, train_numbers = train.dataset, train.row_numbers
         eval_rows: datasets.Dataset | None = None
-        if cfg.eval_dataset:
-            evald = prepare_text_dataset(cfg.eval_dataset, on_bad_rows=cfg.on_bad_rows)
+        if (evaluation := eval_source(cfg)) is not None:  # eval_dataset, or a named split
+            source, options = evaluation
+            evald = prepare_text_dataset(source, on_bad_rows=cfg.on_bad_rows, **options)
             eval_rows, eval_numbers = evald.dataset, evald.row_numbers
         else:
             evald = train

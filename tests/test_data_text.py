@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import datasets
@@ -54,11 +55,11 @@ def test_load_json_array_file(tmp_path):
 
 
 def test_unknown_extension_and_missing_path(tmp_path):
-    (tmp_path / "d.csv").write_text("prompt,chosen,rejected\n")
+    (tmp_path / "d.xyz").write_text("prompt,chosen,rejected\n")
     with pytest.raises(
-        DataError, match=r"d\.csv.*unknown file type '\.csv'.*JSON Lines.*Parquet.*save_to_disk"
+        DataError, match=r"d\.xyz.*unknown file type '\.xyz'.*JSON Lines.*Parquet.*CSV.*save_to_disk"
     ):
-        load_rows(tmp_path / "d.csv")
+        load_rows(tmp_path / "d.xyz")
     with pytest.raises(DataError, match="no such file"):
         load_rows(tmp_path / "absent.jsonl")
     (tmp_path / "folder").mkdir()
@@ -295,18 +296,23 @@ def test_columns_and_types_settle_over_every_batch(tmp_path, monkeypatch):
 def test_rows_live_in_an_arrow_file_keyed_by_the_file_bytes(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", PAIRED)
     ds = load_rows(path)
-    (arrow,) = (tmp_path / ".mmpref_cache").glob("rows-*.arrow")
-    assert [f["filename"] for f in ds.cache_files] == [str(arrow)]  # memory-mapped, not copied to RAM
+    (entry,) = (tmp_path / ".mmpref_cache").glob("rows-*")
+    files = [Path(f["filename"]) for f in ds.cache_files]  # memory-mapped, not copied to RAM
+    assert files and all(f.suffix == ".arrow" and f.is_relative_to(entry) for f in files)
 
     def forbidden(*args):
         raise AssertionError("an unchanged file should not be parsed again")
 
-    monkeypatch.setattr(text_mod, "_json_schema", forbidden)
+    monkeypatch.setattr(text_mod, "_prepare", forbidden)
+    assert load_rows(path).to_list() == PAIRED
+    os.utime(path)  # touched, not changed: still the same entry
     assert load_rows(path).to_list() == PAIRED
     monkeypatch.undo()
+    stat = path.stat()
     write_jsonl(path, PAIRED[::-1])  # same name, new content: a new entry, never the stale one
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old modification time
     assert load_rows(path).to_list() == PAIRED[::-1]
-    assert len(list((tmp_path / ".mmpref_cache").glob("rows-*.arrow"))) == 2
+    assert len(list((tmp_path / ".mmpref_cache").glob("rows-*"))) == 2
     assert not list((tmp_path / ".mmpref_cache").glob(".tmp_*"))
 
 

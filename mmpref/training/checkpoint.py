@@ -120,7 +120,7 @@ def find_checkpoint(output_dir: Path, resume: str, main_process: bool = True) ->
         if not problems:
             return path
         if main_process:
-            logger.warning(f"warning: skipping checkpoint {path}: {'; '.join(problems)}")
+            logger.warning(f"skipping checkpoint {path}: {'; '.join(problems)}")
     raise FileNotFoundError(f"--resume latest: no complete checkpoint under {root}")
 
 
@@ -148,7 +148,7 @@ class Checkpointer:
         self.accelerator, self.root, self.keep = accelerator, root, keep
         if accelerator.is_main_process and root.is_dir():
             for leftover in root.glob(f"{TMP_PREFIX}*"):  # from a save that a kill interrupted
-                logger.warning(f"warning: removing {leftover}, left by an interrupted checkpoint save")
+                logger.warning(f"removing {leftover}, left by an interrupted checkpoint save")
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def path(self, step: int) -> Path:

@@ -69,6 +69,7 @@ from mmpref.adapters.diffusion import (
 )
 from mmpref.data.images import ImagePair, clip_embeddings, pair_pixels, prepare_image_dataset
 from mmpref.data.latent_cache import LatentCache
+from mmpref.data.text import eval_source
 from mmpref.hub import ModelSource, folder_fingerprint
 from mmpref.training.config import ConfigError, TrainConfig, model_source
 from mmpref.training.distributed import check_scale_out
@@ -96,9 +97,8 @@ EVAL_DRAW_STRIDE = 2**40  # seed offset of each further evaluation draw of a row
 class _ImageSplit:
     """One split: its pairs, cache and RPO embeddings."""
 
-    def __init__(self, task: DiffusionTask, pairs: list[ImagePair], source: Path, name: str):
-        self.task, self.pairs, self.source, self.name = task, pairs, source, name
-        self.cache_dir = (source.parent if source.is_file() else source) / ".mmpref_cache"
+    def __init__(self, task: DiffusionTask, pairs: list[ImagePair], cache_dir: Path, name: str):
+        self.task, self.pairs, self.cache_dir, self.name = task, pairs, cache_dir, name  # the dataset's
         self.cache: LatentCache | None = None
         self.embeddings: Tensor | None = None
 
@@ -158,11 +158,15 @@ class DiffusionTask:
             self.unet.enable_xformers_memory_efficient_attention()
 
         # -- data
-        train = prepare_image_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows)
-        train_pairs, eval_pairs, eval_source = train.pairs, [], train.source
-        if cfg.eval_dataset:
-            evald = prepare_image_dataset(cfg.eval_dataset, on_bad_rows=cfg.on_bad_rows)
-            eval_pairs, eval_source = evald.pairs, evald.source
+        load = {"on_bad_rows": cfg.on_bad_rows, "image_root": cfg.image_root,
+                "confine_image_paths": cfg.confine_image_paths}  # fmt: skip
+        train = prepare_image_dataset(cfg.dataset, config_name=cfg.dataset_config, split=cfg.train_split,
+                                      revision=cfg.dataset_revision, **load)  # fmt: skip
+        train_pairs, eval_pairs, eval_cache = train.pairs, [], train.cache_dir
+        if (evaluation := eval_source(cfg)) is not None:  # eval_dataset, or a named split
+            eval_data, options = evaluation
+            evald = prepare_image_dataset(eval_data, **options, **load)
+            eval_pairs, eval_cache = evald.pairs, evald.cache_dir
         elif cfg.eval_split:
             order = torch.randperm(
                 len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed)
@@ -170,8 +174,8 @@ class DiffusionTask:
             n_eval = max(1, int(len(train_pairs) * cfg.eval_split))
             eval_pairs = [train_pairs[i] for i in order[:n_eval]]
             train_pairs = [train_pairs[i] for i in sorted(order[n_eval:])]
-        self.train = _ImageSplit(self, train_pairs, train.source, "train")
-        self.eval = _ImageSplit(self, eval_pairs, eval_source, "eval") if eval_pairs else None
+        self.train = _ImageSplit(self, train_pairs, train.cache_dir, "train")
+        self.eval = _ImageSplit(self, eval_pairs, eval_cache, "eval") if eval_pairs else None
         for split in (self.train, self.eval):
             if split is None:
                 continue

@@ -210,7 +210,7 @@ def _skip_or_stop(problem: tuple[str, list[int]], step: int, state: dict, cfg: T
             f"{where}: {state['skipped_steps']} steps skipped, more than max_skipped_steps={cfg.max_skipped_steps}"
         )
     if accelerator.is_main_process:
-        logger.warning(f"warning: {where}: optimizer step skipped "
+        logger.warning(f"{where}: optimizer step skipped "
                        f"({state['skipped_steps']} of at most {cfg.max_skipped_steps})")  # fmt: skip
 
 

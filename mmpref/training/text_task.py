@@ -165,8 +165,8 @@ class TextTask:
         train_rows, train_numbers = train.dataset, train.row_numbers
         eval_rows: datasets.Dataset | None = None
         if (evaluation := eval_source(cfg)) is not None:  # eval_dataset, or a named split
-            source, options = evaluation
-            evald = prepare_text_dataset(source, on_bad_rows=cfg.on_bad_rows, **options)
+            eval_data, options = evaluation
+            evald = prepare_text_dataset(eval_data, on_bad_rows=cfg.on_bad_rows, **options)
             eval_rows, eval_numbers = evald.dataset, evald.row_numbers
         else:
             evald = train

@@ -54,3 +54,23 @@ def test_num_epochs_sets_the_schedule_from_the_data(tiny, tmp_path):
     assert json.loads(summary.read_text())["steps"] == 3
     with pytest.raises(ConfigError, match="num_epochs: set max_steps or num_epochs, not both"):
         load_config(None, [*common, "num_epochs=1", "max_steps=3"])
+
+
+def test_bf16_autocast_reference_gives_log2_at_step_0(tiny, tmp_path):
+    """The precomputed reference runs under the policy's autocast: ℓ = 0 exactly before training."""
+    model, data = tiny
+    out = tmp_path / "bf16"
+    config = tmp_path / "bf16.yaml"
+    config.write_text(f"model: {model}\ndataset: {data}\noutput_dir: {out}\nmax_steps: 1\nbatch_size: 2\n"
+                      "eval_split: 0.4\neval_batch_size: 2\nmixed_precision: bf16\nreport_to: none\nlog_every: 1\n"
+                      "max_length: 32\nmax_prompt_length: 16\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "mmpref.cli", "train", str(config)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, step1 = (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[:2])
+    assert first["step"] == 0 and first["eval/rewards/margins"] == 0.0
+    assert first["eval/loss"] == pytest.approx(0.6931471805599453, abs=1e-7)  # log 2, in float32
+    # the first training step's forward (under autocast, before any update) sees ℓ = 0 too
+    assert step1["step"] == 1 and step1["rewards/chosen"] == 0.0 and step1["rewards/rejected"] == 0.0
+    names = [p.name for p in (out / "cache").iterdir()]
+    assert all("-bf16" in n for n in names), names

@@ -165,8 +165,9 @@ def evaluate(task, model, cfg: TrainConfig, accelerator: Accelerator, step: int 
     )
     losses, logratios, labels = [], [], []
     for batch in loader:
-        rows = task.rows(model, batch)
-        losses.append(preference_loss(cfg.loss, cfg.rpo, rows).loss.float().reshape(1))
+        with accelerator.autocast():  # the numerics of the training forward (and of the precomputed reference)
+            rows = task.rows(model, batch)
+            losses.append(preference_loss(cfg.loss, cfg.rpo, rows).loss.float().reshape(1))
         logratios.append(accelerator.gather_for_metrics(rows.logratios.float()))
         if rows.labels is not None:
             labels.append(accelerator.gather_for_metrics(rows.labels))

@@ -1,6 +1,6 @@
 """The modality-free loss core: it only ever sees per-sample implicit log-ratios ℓ (DESIGN §1)."""
 
-from mmpref.losses._common import PreferenceLossOutput
+from mmpref.losses._common import PreferenceLossOutput, tie_accuracy
 from mmpref.losses.dpo import dpo_loss
 from mmpref.losses.pairwise import LOSS_TYPES, pairwise_loss
 from mmpref.losses.rpo import RPO_MODES, contrast_weights, rpo_loss
@@ -13,4 +13,5 @@ __all__ = [
     "dpo_loss",
     "pairwise_loss",
     "rpo_loss",
+    "tie_accuracy",
 ]

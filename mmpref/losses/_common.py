@@ -92,12 +92,20 @@ def check_lengths(name: str, lengths: Tensor | None, size: int) -> None:
         raise ValueError(f"{name}: token counts must be > 0")
 
 
+def tie_accuracy(margins: Tensor) -> Tensor:
+    """Per margin: 1 when positive, 0.5 for a tie, 0 when negative (the one accuracy rule everywhere)."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
+
+
 def reward_metrics(beta: float, chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
-    """rewards/* of TRL: β·ℓ per side, margins and accuracies (ties count 0.5) over matched pairs."""
+    """rewards/* of TRL: β·ℓ per side, margins and accuracies (ties count 0.5) over matched pairs.
+
+    Pass the values the loss compares: SimPO's length-averaged log-probs, ℓ otherwise.
+    """
     with torch.no_grad():
         rc, rr = beta * chosen.detach(), beta * rejected.detach()
         margins = rc - rr
-        acc = (margins > 0).float() + 0.5 * (margins == 0).float()
+        acc = tie_accuracy(margins)
         return {
             "rewards/chosen": rc.mean(),
             "rewards/rejected": rr.mean(),

@@ -48,7 +48,8 @@ def dpo_loss(
     ``simpo`` is reference-free: pass the policy's summed log-probs as the "log-ratios".
 
     Returns a :class:`PreferenceLossOutput`; ``metrics`` holds rewards/chosen (β·ℓ_w),
-    rewards/rejected (β·ℓ_l), rewards/margins and rewards/accuracies (ties count 0.5).
+    rewards/rejected (β·ℓ_l), rewards/margins and rewards/accuracies (ties count 0.5); for ``simpo``
+    the rewards are β times the length-averaged log-probs the loss compares.
     """
     check_tensor("chosen_logratios", chosen_logratios, ndim=1)
     n = chosen_logratios.shape[0]
@@ -82,5 +83,7 @@ def dpo_loss(
     return PreferenceLossOutput(
         loss=mean_or_zero(per_pair),
         per_pair=per_pair,
-        metrics=reward_metrics(beta, chosen_logratios, rejected_logratios) if n else {},
+        # SimPO's rewards are its length-averaged log-probs (as TRL's CPO/SimPO trainer logs them)
+        metrics=reward_metrics(beta, *((chosen, rejected) if loss_type == "simpo" else
+                                       (chosen_logratios, rejected_logratios))) if n else {},  # fmt: skip
     )

@@ -14,6 +14,7 @@ from mmpref.losses._common import (
     check_tensor,
     mean_or_zero,
     reward_metrics,
+    tie_accuracy,
 )
 from mmpref.losses.pairwise import pairwise_loss
 
@@ -140,17 +141,19 @@ def rpo_loss(
     else:
         per_row = per.mean(1)
 
+    # the values the loss compares: SimPO's length-averaged log-probs, ℓ otherwise
+    shown_w, shown_l = (chosen, rejected) if base_loss == "simpo" else (chosen_logratios, rejected_logratios)
     if mode == "unpaired":
         with torch.no_grad():
-            margins = beta * (chosen_logratios[:, None] - rejected_logratios[None, :]).detach()
+            margins = beta * (shown_w[:, None] - shown_l[None, :]).detach()
             metrics = {
-                "rewards/chosen": (beta * chosen_logratios.detach()).mean(),
-                "rewards/rejected": (beta * rejected_logratios.detach()).mean(),
+                "rewards/chosen": (beta * shown_w.detach()).mean(),
+                "rewards/rejected": (beta * shown_l.detach()).mean(),
                 "rewards/margins": margins.mean(),
-                "rewards/accuracies": ((margins > 0).float() + 0.5 * (margins == 0).float()).mean(),
+                "rewards/accuracies": tie_accuracy(margins).mean(),
             }
     else:
-        metrics = reward_metrics(beta, chosen_logratios, rejected_logratios)
+        metrics = reward_metrics(beta, shown_w, shown_l)
     if weights is not None and mode == "paired":
         metrics["rpo/diagonal_weight"] = weights.detach().diagonal().mean()
     return PreferenceLossOutput(loss=mean_or_zero(per_row), per_pair=per_row, metrics=metrics)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from mmpref.hub import ModelSource
+from mmpref.losses import tie_accuracy
 from mmpref.progress import progress
 from mmpref.training.checkpoint import (
     STATE_FILE,
@@ -144,7 +145,7 @@ def _eval_metrics(logratios: torch.Tensor, labels: torch.Tensor | None, beta: fl
     else:
         chosen, rejected = logratios[labels.bool(), 0], logratios[~labels.bool(), 0]
         margins = beta * (chosen[:, None] - rejected[None, :]).flatten()
-    acc = (margins > 0).float() + 0.5 * (margins == 0).float()
+    acc = tie_accuracy(margins)
     return {
         "eval/rewards/accuracies": acc.mean().item(),
         "eval/rewards/margins": margins.mean().item(),
@@ -164,11 +165,15 @@ def evaluate(task, model, cfg: TrainConfig, accelerator: Accelerator, step: int 
         DataLoader(list(range(len(task.eval))), batch_size=cfg.eval_batch_size, collate_fn=task.collate_eval)
     )
     losses, logratios, labels = [], [], []
+    simpo = (cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type) == "simpo"
     for batch in loader:
         with accelerator.autocast():  # the numerics of the training forward (and of the precomputed reference)
             rows = task.rows(model, batch)
             losses.append(preference_loss(cfg.loss, cfg.rpo, rows).loss.float().reshape(1))
-        logratios.append(accelerator.gather_for_metrics(rows.logratios.float()))
+        shown = rows.logratios
+        if simpo and rows.lengths is not None:  # SimPO compares length-averaged log-probs
+            shown = shown / rows.lengths
+        logratios.append(accelerator.gather_for_metrics(shown.float()))
         if rows.labels is not None:
             labels.append(accelerator.gather_for_metrics(rows.labels))
     model.train()

@@ -115,7 +115,8 @@ def preference_loss(loss_cfg: LossConfig, rpo_cfg: RPOConfig, rows: Rows) -> Pre
     if rows.metrics:
         out.metrics.update(rows.metrics)
     if loss_cfg.sft_weight and pw is not None and pw.numel():
-        nll = -(pw / nw).mean() if nw is not None else -pw.mean()
+        # token-weighted, as TRL's "sft" loss: the mean NLL over every chosen token of the batch
+        nll = -(pw.sum() / nw.sum()) if nw is not None else -pw.mean()
         out.metrics["sft/nll"] = nll.detach()
         out.loss = out.loss + loss_cfg.sft_weight * nll
     return out

@@ -43,3 +43,41 @@ def test_ties_count_half_in_the_diffusion_metrics():
     ref_err = torch.tensor([[0.2, 0.2], [0.2, 0.2], [0.2, 0.2]])
     # a tie, a win (chosen improved more), a loss
     assert _error_metrics(model_err, ref_err)["diffusion/implicit_acc"].item() == pytest.approx(0.5)
+
+
+def test_unpaired_batches_are_balanced_like_the_authors_loader():
+    from mmpref.training.loop import epoch_order
+
+    labels = torch.tensor([True] * 7 + [False] * 13)
+    for epoch in range(3):
+        order = epoch_order(20, seed=0, epoch=epoch, labels=labels, batch_size=4)
+        assert len(order) == 12 and len(set(order)) == 12  # 3 batches: the 7 desirable rows run out first
+        for b in range(0, 12, 4):
+            assert labels[order[b : b + 4]].sum().item() == 2
+    odd = epoch_order(20, seed=0, epoch=0, labels=labels, batch_size=3)
+    assert [labels[odd[b : b + 3]].sum().item() for b in range(0, len(odd), 3)] == [2, 2, 2]
+    assert epoch_order(20, seed=0, epoch=0) == torch.randperm(20, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tmp_path_factory):
+    from mmpref.testing import make_tiny_sd15
+
+    return make_tiny_sd15(tmp_path_factory.mktemp("sd15") / "sd")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("loss.type=simpo", "loss.type: simpo needs the policy's own log-probs"),
+     ("loss.type=rpo rpo.base_loss=simpo", "rpo.base_loss: simpo needs"),
+     ("loss.sft_weight=0.1", "loss.sft_weight: the SFT term is a log-likelihood")],
+)  # fmt: skip
+def test_diffusion_refuses_losses_its_logratio_cannot_feed(override, message, tiny_sd15, tmp_path, capsys):
+    from mmpref.cli import main
+
+    sd = tiny_sd15
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {sd}\ndataset: {tmp_path / 'data.jsonl'}\noutput_dir: {tmp_path / 'run'}\n")
+    assert main(["train", str(config), *override.split()]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything loads or is written

@@ -45,6 +45,7 @@ class RPOConfig:
     clip_model: str | None = None  # diffusion: open_clip hub id (ORG/NAME), local-dir: folder, or architecture name
     clip_weights: str | None = None  # diffusion: local checkpoint file for clip_model
     global_batch: bool = False  # contrast matrix over the batch of all processes
+    balance_unpaired: bool = True  # unpaired rows: every batch holds as many desirable as undesirable rows
 
 
 @dataclass
@@ -277,6 +278,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def check_diffusion_losses(cfg: TrainConfig) -> None:
+    """The losses a diffusion ℓ can feed. ℓ = −½(‖ε−εθ‖² − ‖ε−εref‖²) is a log-ratio with no log-likelihood of
+    its own: SimPO (reference-free, on log-probs) and the SFT term (an NLL) have nothing to work on. odpo and
+    rdpo take per-image scores from the data (``score_0`` / ``score_1``), checked when the data load."""
+    base = cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type
+    if base == "simpo":
+        key = "rpo.base_loss" if cfg.loss.type == "rpo" else "loss.type"
+        raise ConfigError(f"{key}: simpo needs the policy's own log-probs, which a diffusion UNet does not have "
+                          "(its ℓ is a difference of denoising errors); use sigmoid, ipo, hinge, robust, cdpo, "
+                          "odpo or rdpo")  # fmt: skip
+    if cfg.loss.sft_weight:
+        raise ConfigError("loss.sft_weight: the SFT term is a log-likelihood, which a diffusion UNet does not "
+                          "have; set it to 0 for diffusion")  # fmt: skip
+
+
 def model_source(cfg: TrainConfig):
     """``model`` resolved (a :class:`mmpref.hub.ModelSource`): a folder or hub id holding a model of ``modality``."""
     from mmpref import hub
@@ -302,6 +318,8 @@ def check_paths(cfg: TrainConfig, *, model_given: bool = False, data_given: bool
         raise ConfigError("dataset: required (a hub dataset id, or a local file, folder or glob)")
     source = None if model_given else model_source(cfg)
     marker = source.marker if source else ""
+    if cfg.modality == "diffusion" or (cfg.modality == "auto" and marker == "model_index.json"):
+        check_diffusion_losses(cfg)
     rpo = cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal"
     if rpo and cfg.rpo.embedding_model and marker != "model_index.json":
         hub.resolve_model("rpo.embedding_model", cfg.rpo.embedding_model, markers=hub.SENTENCE_TRANSFORMERS,

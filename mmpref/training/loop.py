@@ -129,9 +129,26 @@ def build_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-def _batches(task, collate, size: int, batch_size: int, seed: int, epoch: int, skip: int, accelerator):
-    """This process's batches of one epoch, in a seeded order, after skipping ``skip`` of them."""
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+def epoch_order(size: int, seed: int, epoch: int, labels: torch.Tensor | None = None, batch_size: int = 1) -> list[int]:
+    """The rows of one epoch in a seeded order.
+
+    With ``labels`` (unpaired rows, True = desirable) every batch of ``batch_size`` holds as many desirable as
+    undesirable rows (one more desirable for an odd size), as the RPO authors' loader does, so no batch has
+    one side only; the epoch ends when the smaller side runs out (each epoch reshuffles both sides).
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(size, generator=g)
+    if labels is None or batch_size < 2:
+        return order.tolist()
+    good, bad = order[labels[order]], order[~labels[order]]
+    per_good, per_bad = (batch_size + 1) // 2, batch_size // 2
+    batches = min(len(good) // per_good, len(bad) // per_bad)
+    return [int(i) for b in range(batches) for i in (*good[b * per_good : (b + 1) * per_good],
+                                                      *bad[b * per_bad : (b + 1) * per_bad])]  # fmt: skip
+
+
+def _batches(task, collate, order: list[int], batch_size: int, skip: int, accelerator):
+    """This process's batches of one epoch's ``order``, after skipping ``skip`` of them."""
     loader = DataLoader(order, batch_size=batch_size, shuffle=False, collate_fn=collate, drop_last=True)
     loader = accelerator.prepare_data_loader(loader)
     return iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
@@ -284,7 +301,12 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict
     task = build_task(cfg, accelerator, source, given)
     accum = cfg.gradient_accumulation_steps
     size = len(task.train)
-    per_epoch = size // (cfg.batch_size * accelerator.num_processes)
+    labels = task.train.labels if cfg.rpo.balance_unpaired else None  # unpaired rows: balanced batches
+
+    def order(epoch: int) -> list[int]:
+        return epoch_order(size, cfg.seed, epoch, labels, cfg.batch_size)
+
+    per_epoch = len(order(0)) // (cfg.batch_size * accelerator.num_processes)
     if per_epoch < accum:
         raise ConfigError(
             f"dataset: {size} rows give fewer than {accum} batches of {cfg.batch_size} per process; "
@@ -333,7 +355,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict
     if state["step"] == 0:
         log(evaluate(task, model, cfg, accelerator), 0)
 
-    it = _batches(task, task.collate_train, size, cfg.batch_size, cfg.seed, state["epoch"], state["batch_in_epoch"],
+    it = _batches(task, task.collate_train, order(state["epoch"]), cfg.batch_size, state["batch_in_epoch"],
                   accelerator)  # fmt: skip
     scale = accelerator.num_processes if cfg.rpo.global_batch and cfg.loss.type == "rpo" else 1
     sums: dict[str, float] = dict(pending["sums"])  # a resumed run completes the log window it stopped in
@@ -357,9 +379,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict
             except StopIteration:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
-                it = _batches(
-                    task, task.collate_train, size, cfg.batch_size, cfg.seed, state["epoch"], 0, accelerator
-                )
+                it = _batches(task, task.collate_train, order(state["epoch"]), cfg.batch_size, 0, accelerator)
                 batch = next(it)
             state["batch_in_epoch"] += 1
             sync = micro == accum - 1

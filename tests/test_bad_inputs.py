@@ -504,7 +504,7 @@ IMAGE_VALUES = st.one_of(
 @given(caption=TEXT_VALUES, jpg_0=IMAGE_VALUES, jpg_1=IMAGE_VALUES,
        label=st.one_of(st.none(), st.sampled_from([0, 1, 0.5, 1.0]), st.floats(), st.integers(), st.text(max_size=2)))  # fmt: skip
 def test_image_row_problems_is_total_and_accepted_rows_are_usable(image_dir, caption, jpg_0, jpg_1, label):
-    problems, refs, blobs = image_row_problems(caption, jpg_0, jpg_1, label, image_dir, confine=True)
+    problems, refs, blobs = image_row_problems(caption, jpg_0, jpg_1, label, image_dir, confine_to=image_dir)
     assert all(isinstance(p, str) and p for p in problems)
     if problems:
         return

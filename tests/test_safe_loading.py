@@ -174,6 +174,7 @@ def test_prompt_embedding_cache_follows_data_and_model(tmp_path, monkeypatch):
     monkeypatch.setattr(text_mod, "_load_embedder", lambda *a, **k: CountingEmbedder())
     model, cache = tmp_path / "embedder", tmp_path / "cache"
     model.mkdir()
+    (model / "modules.json").write_text("[]")  # what marks a sentence-transformers folder
     (model / "weights.safetensors").write_bytes(b"version one")
     prompts = ["bake bread", "orbit a planet"]
     first = text_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)

@@ -97,14 +97,14 @@ def load_image(ref: ImageRef) -> Image.Image:
         return img.convert("RGB")
 
 
-def _resolve(value: Any, base: Path, confine: bool = False) -> tuple[ImageRef | None, str | None]:
-    """(reference, problem) of one image cell; relative paths start at ``base``, and with ``confine`` every
-    path must resolve to a file inside it."""
+def _resolve(value: Any, base: Path, confine_to: Path | None = None) -> tuple[ImageRef | None, str | None]:
+    """(reference, problem) of one image cell; relative paths start at ``base``, and with ``confine_to``
+    every path must resolve to a file inside that folder."""
     if value is None:
         return None, "missing"
     if isinstance(value, dict):  # datasets' Image feature
         if value.get("bytes"):
-            return _resolve(value["bytes"], base, confine)
+            return _resolve(value["bytes"], base, confine_to)
         value = value.get("path")
         if not value:
             return None, "missing"
@@ -115,13 +115,13 @@ def _resolve(value: Any, base: Path, confine: bool = False) -> tuple[ImageRef | 
             return None, "missing"
         if "\x00" in value:
             return None, "path holds a NUL character"
-        root = base.resolve()
         try:
-            # an absolute value replaces root; symlinks are followed
-            path = (root / Path(value).expanduser()).resolve()
+            # an absolute value replaces base; symlinks are followed
+            path = (base.resolve() / Path(value).expanduser()).resolve()
+            root = None if confine_to is None else confine_to.resolve()
         except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, an unencodable name
             return None, f"path {value!r} does not resolve ({exc})"
-        if confine and not path.is_relative_to(root):
+        if root is not None and not path.is_relative_to(root):
             return None, (
                 f"path {value!r} points outside the dataset folder {root}; with confine_image_paths, image "
                 "paths must stay inside it (copy the images there, or store them as bytes)"
@@ -160,11 +160,11 @@ def _label_problem(label: Any) -> str | None:
 
 
 def image_row_problems(
-    caption: Any, jpg_0: Any, jpg_1: Any, label: Any, base: Path, *, confine: bool = False
+    caption: Any, jpg_0: Any, jpg_1: Any, label: Any, base: Path, *, confine_to: Path | None = None
 ) -> tuple[list[str], list[ImageRef | None], list[bytes | None]]:
     """(problems, image references, image bytes) of one row; no problems means a usable row.
 
-    Relative image paths start at ``base``; ``confine`` keeps every path inside it (module docstring).
+    Relative image paths start at ``base``; ``confine_to`` keeps every path inside that folder.
     Total over any input: whatever the values, it returns reasons and never raises. Every image is
     decoded here, so a corrupt file is a bad row before training, not a crash at step N.
     """
@@ -179,7 +179,7 @@ def image_row_problems(
     refs, blobs = [], []
     for name, value in (("jpg_0", jpg_0), ("jpg_1", jpg_1)):
         data = None
-        ref, problem = _resolve(value, base, confine)
+        ref, problem = _resolve(value, base, confine_to)
         if problem is None:
             try:
                 data = read_image_bytes(ref)
@@ -232,6 +232,9 @@ def prepare_image_dataset(
             raise DataError(f"image_root: no such folder {image_root}")
     else:
         base = rows.folder or Path.cwd()
+    confine_to = base if confine_image_paths else None
+    if confine_to is not None and image_root is None and base.parent.name == "snapshots":
+        confine_to = base.parent.parent  # a hub snapshot's files link into its repo's blobs/ folder
     ds = ds.select_columns(list(IMAGE_COLUMNS))
     for column in ("jpg_0", "jpg_1"):  # datasets.Image: the stored bytes / path, not a decoded PIL image
         if isinstance(ds.features[column], datasets.Image) and ds.features[column].decode:
@@ -240,7 +243,7 @@ def prepare_image_dataset(
     for i, row in enumerate(iter_rows(ds)):
         caption, label = row["caption"], row["label_0"]
         reasons, refs, blobs = image_row_problems(caption, row["jpg_0"], row["jpg_1"], label, base,
-                                                  confine=confine_image_paths)  # fmt: skip
+                                                  confine_to=confine_to)  # fmt: skip
         if reasons:
             bad.append(BadRow(i, "; ".join(reasons)))
             continue

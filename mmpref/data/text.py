@@ -1,4 +1,4 @@
-"""Text preference data: any source ``datasets`` reads, every row checked, prompts embedded once (DESIGN §3, §7, §8).
+"""Text preference data from any source ``datasets`` reads: rows checked, prompts embedded (DESIGN §3, §7, §8).
 
 Sources (:func:`open_rows`), all read by ``datasets`` itself (``load_dataset`` / ``load_from_disk``):
 
@@ -15,7 +15,7 @@ keyed by a hash of the files' bytes: an edited file makes a new entry, an unchan
 Hub data lives in the ``datasets`` cache, keyed by the hub commit. Caches derived from the rows (prompt and
 CLIP embeddings, latents) go to :attr:`TextDataset.cache_dir`: the same ``.mmpref_cache`` folder for local
 files, ``<datasets cache>/mmpref`` for hub and in-memory data. Files as other tools write them (a UTF-8
-byte-order mark, CRLF line ends) read as the same data as clean files. A JSON file that does not load is
+byte-order mark, CRLF line ends, in CSV cells too) read as the same data as clean files. A JSON file that does not load is
 scanned line by line, only then, so the message names the line (1-based, as editors number them).
 
 Formats (TRL's, DESIGN §7), each standard (strings) or conversational (lists of ``{"role", "content"}``):
@@ -82,6 +82,8 @@ ACCEPTED_FORMATS = (
     "optional score_chosen, score_rejected) or unpaired (prompt, completion, label)"
 )
 MAX_LISTED = 20
+# What datasets' builders raise for files they cannot parse (it wraps the parser's error in the first)
+READ_ERRORS = (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, UnicodeError)
 
 
 class DataError(ValueError):
@@ -121,7 +123,7 @@ class TextDataset:
 # ----------------------------------------------------------------------------------------- loading
 
 ROWS_PER_BATCH = 1000  # rows checked (and prompts extracted) at a time: memory stays flat in dataset size
-READER_VERSION = b"mmpref-rows-2"  # part of every cache key: a change to the reading makes new entries
+READER_VERSION = b"mmpref-rows-3"  # part of every cache key: a change to the reading makes new entries
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,8 @@ def open_rows(
 
     ``config_name`` picks a configuration of a hub dataset or of a folder with a ``README.md``; ``split`` a
     split (a single file or glob is the split ``train``); ``revision`` a hub branch, tag or commit (an
-    ``@revision`` in the id wins). ``cache_dir`` replaces the ``.mmpref_cache`` folder beside local files.
+    ``@revision`` in the id wins). ``cache_dir`` replaces the default cache folder (``.mmpref_cache`` beside
+    local files, :func:`shared_cache_dir` for other rows).
     """
     if isinstance(source, datasets.DatasetDict):
         source = _pick_split("the in-memory DatasetDict", source, split)
@@ -175,7 +178,7 @@ def open_rows(
         )
     if not isinstance(source, (str, os.PathLike)):
         raise DataError(f"a dataset is {ACCEPTED_SOURCES}, a datasets.Dataset or a list of dicts; "
-                        f"got a {type(source).__name__}")  # fmt: skip
+                        f"got {type(source).__name__}")  # fmt: skip
     name, path = Path(source), Path(source).expanduser()
     if path.is_dir():
         cache = _cache_root(path, cache_dir)
@@ -194,7 +197,7 @@ def open_rows(
         return _load_glob(name, path, split, cache_dir)
     if (hub := _hub_id(str(source))) is not None:
         repo, pinned = hub
-        return _load_hub(repo, config_name, split, pinned or revision)
+        return _load_hub(repo, config_name, split, pinned or revision, _cache_root(None, cache_dir))
     raise DataError(f"{name}: no such file or folder (and not a hub dataset id); expected {ACCEPTED_SOURCES}")
 
 
@@ -260,8 +263,10 @@ def _pick_split(
         return loaded[split]
     if split == "train" and len(loaded) == 1:
         return next(iter(loaded.values()))
-    raise DataError(f"{name}: no split {split!r}; it has {', '.join(sorted(loaded)) or 'none'} (a single file "
-                    "is the split 'train'; a folder names its splits by file name: train.jsonl, test.jsonl)")  # fmt: skip
+    raise DataError(
+        f"{name}: no split {split!r}; it has {', '.join(sorted(loaded)) or 'none'} (a single file is the "
+        "split 'train'; a folder names its splits by file name: train.jsonl, test.jsonl)"
+    )
 
 
 def _load_glob(name: Path, pattern: Path, split: str, cache_dir: str | Path | None) -> RowSource:
@@ -312,7 +317,8 @@ def _load_files(
     try:
         builder = _builder(name, target, files, config_name, scratch)
         data_files = {str(s): list(f) for s, f in builder.config.data_files.items()}
-        entry = cache_root / f"rows-{_content_key(builder, data_files, Path(target) / 'README.md')}"
+        readme = Path(target) / "README.md" if files is None else None  # a folder's configs
+        entry = cache_root / f"rows-{_content_key(builder, data_files, readme)}"
         if not entry.is_dir():
             _prepare(name, builder, data_files, scratch, entry)
     finally:
@@ -320,12 +326,14 @@ def _load_files(
     return _pick_split(name, datasets.load_from_disk(str(entry)), split)
 
 
-def _content_key(builder: datasets.DatasetBuilder, data_files: dict[str, list[str]], readme: Path) -> str:
-    """A hash of how the files are read and of their bytes, split by split (and a folder's README configs)."""
+def _content_key(
+    builder: datasets.DatasetBuilder, data_files: dict[str, list[str]], readme: Path | None
+) -> str:
+    """A hash of how the files are read and of their bytes, split by split (and of ``readme``, if any)."""
     digest = hashlib.sha256(READER_VERSION)
     digest.update(json.dumps([builder.name, builder.config.name, BUILDER_OPTIONS.get(builder.name)]).encode())
     named = [(split, path) for split, paths in data_files.items() for path in paths]
-    for label, path in [*named, *([("README.md", str(readme))] if readme.is_file() else [])]:
+    for label, path in [*named, *([("README.md", str(readme))] if readme and readme.is_file() else [])]:
         digest.update(label.encode() + _file_digest(Path(path)))
     return digest.hexdigest()[:32]
 
@@ -352,19 +360,23 @@ def _prepare(name: Path | str, builder: datasets.DatasetBuilder, data_files: dic
              entry: Path) -> None:  # fmt: skip
     """Let ``datasets`` read the files, then save every split as the cache ``entry`` (renamed into place
     when complete, so a half-written entry is never trusted; another process's identical one wins)."""
+    files = [f for paths in data_files.values() for f in paths]
     try:
         builder.download_and_prepare()
-    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, UnicodeError) as exc:
-        raise _unreadable(
-            name, builder.name, [f for paths in data_files.values() for f in paths], exc
-        ) from exc
+    except READ_ERRORS as exc:
+        raise _unreadable(name, builder.name, files, exc) from exc
     except StopIteration as exc:  # the JSON builder's first look into an empty file
         raise DataError(f"{name}: no rows (an empty file)") from exc
     for split, info in builder.info.splits.items():
         if not info.num_examples:
-            files = data_files.get(split, [])
-            raise DataError(f"{files[0] if len(files) == 1 else name}: no rows (split {split!r})")
+            split_files = data_files.get(split, [])
+            raise DataError(f"{split_files[0] if len(split_files) == 1 else name}: no rows (split {split!r})")
     splits = builder.as_dataset()
+    try:
+        for rows in splits.values():  # pyarrow's JSON reader passes bytes that are not UTF-8 on as text
+            rows.data.table.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise _unreadable(name, builder.name, files, exc) from exc
     if builder.name == "csv":
         splits = splits.map(_lf_line_ends, batched=True, desc="CRLF line ends")
     saved = scratch / "rows"
@@ -404,8 +416,13 @@ def _unreadable(name: Path | str, builder: str, files: list[str], exc: Exception
     return DataError(f"{where}: not a readable {FILE_KINDS.get(builder, builder)} file ({cause})")
 
 
-def _load_hub(repo: str, config_name: str | None, split: str, revision: str | None) -> RowSource:
-    """A hub dataset: online through ``load_dataset``; offline (or unreachable) from the cached snapshot."""
+def _load_hub(
+    repo: str, config_name: str | None, split: str, revision: str | None, cache_dir: Path
+) -> RowSource:
+    """A hub dataset: online through ``load_dataset``; offline (or unreachable) from the cached snapshot.
+
+    The rows live in the ``datasets`` cache; ``cache_dir`` is where caches derived from them go.
+    """
     from huggingface_hub import constants
 
     where = f"{repo}@{revision}" if revision else repo
@@ -414,7 +431,7 @@ def _load_hub(repo: str, config_name: str | None, split: str, revision: str | No
     if not offline:
         try:
             ds = datasets.load_dataset(repo, name=config_name, split=split, revision=revision)
-            return RowSource(ds, name, _cache_root(None, None), None)
+            return RowSource(ds, name, cache_dir, None)
         except ConnectionError:
             pass  # no network: the cached snapshot, if there is one
         except FileNotFoundError as exc:  # DatasetNotFoundError, DataFilesNotFoundError
@@ -427,9 +444,9 @@ def _load_hub(repo: str, config_name: str | None, split: str, revision: str | No
         ds = datasets.load_dataset(str(folder), name=config_name, split=split)
     except FileNotFoundError as exc:
         raise DataError(f"{name}: the cached snapshot {folder} holds no data files for it ({exc})") from exc
-    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, UnicodeError) as exc:
+    except READ_ERRORS as exc:
         raise DataError(f"{name}: {exc.__cause__ or exc}") from exc
-    return RowSource(ds, name, _cache_root(None, None), folder)
+    return RowSource(ds, name, cache_dir, folder)
 
 
 def _cached_snapshot(repo: str, revision: str | None, where: str, offline: bool) -> Path:
@@ -440,11 +457,14 @@ def _cached_snapshot(repo: str, revision: str | None, where: str, offline: bool)
     try:
         return Path(snapshot_download(repo, repo_type="dataset", revision=revision, local_files_only=True))
     except LocalEntryNotFoundError as exc:
-        why = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else "the hub cannot be reached"
+        if offline:
+            why = "HF_HUB_OFFLINE=1 forbids downloading it"
+            fix = f"download it once (`hf download {repo} --repo-type dataset`), unset HF_HUB_OFFLINE"
+        else:
+            why, fix = "the hub cannot be reached", "check the network"
         raise DataError(
-            f"{where}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; download it "
-            f"once (`hf download {repo} --repo-type dataset`, or a run without HF_HUB_OFFLINE), unset "
-            "HF_HUB_OFFLINE, or give a local path"
+            f"{where}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; {fix}, "
+            "or give a local path"
         ) from exc
     except HFValidationError as exc:
         raise DataError(f"{where}: not a valid hub dataset id ({exc})") from exc
@@ -534,9 +554,8 @@ def _check_records(
     for row, (n, record) in enumerate(numbered):
         for key, value in record.items():
             if (problem := _surrogate_problem(value)) is not None:
-                raise DataError(
-                    f"{name}: {at(row, n) if where is None else f'{where} {n}'}: {key!r} {problem}"
-                )
+                location = f"{where} {n}" if where else f"row {row}"
+                raise DataError(f"{name}: {location}: {key!r} {problem}")
             for column, kind in _kinds(key, value):
                 seen = first.setdefault(column, (row, n, kind))
                 if kind != seen[2]:
@@ -603,14 +622,8 @@ def _extracted(batch: dict[str, list]) -> dict[str, list]:
     """A batch of rows with their prompts cut out; rows it cannot split keep ``prompt`` None (a bad row)."""
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
     for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
-        same_kind = isinstance(chosen, str) == isinstance(rejected, str)
-        if (
-            same_kind
-            and isinstance(chosen, (str, list))
-            and isinstance(rejected, (str, list))
-            and chosen
-            and rejected
-        ):
+        kinds = {type(chosen), type(rejected)}
+        if len(kinds) == 1 and kinds <= {str, list} and chosen and rejected:  # what extract_prompt takes
             parts = extract_prompt(chosen, rejected)
         else:
             parts = (None, chosen, rejected)
@@ -845,23 +858,30 @@ def prepare_text_dataset(
                        cache_dir=rows.cache_dir, implicit_prompt=implicit)  # fmt: skip
 
 
-def eval_source(cfg: Any) -> tuple[Any, dict[str, Any]] | None:
-    """Where a training config's eval data comes from: ``(source, open_rows options)``, or None when it is
-    a held-out share of ``dataset`` (a float ``eval_split``) or there is none.
+def config_sources(
+    cfg: Any, train_dataset: Any = None, eval_dataset: Any = None
+) -> tuple[tuple[Any, dict[str, Any]], tuple[Any, dict[str, Any]] | None]:
+    """A training config's train and eval data, each as ``(source, open_rows options)``; the eval entry is
+    None when the eval rows are a held-out share of the training rows (a float ``eval_split``) or there are
+    none.
 
-    A string ``eval_split`` names a split of ``eval_dataset``, or of ``dataset`` when no eval_dataset is
-    set; an ``eval_dataset`` without a split name is its ``train`` split (the one split of a file).
-    ``dataset_revision`` applies to both datasets, ``dataset_config`` only to ``dataset`` itself.
+    ``train_dataset`` / ``eval_dataset``: rows given in Python (a ``datasets.Dataset`` or ``DatasetDict``, or
+    a list of dicts) in place of the config's ``dataset`` / ``eval_dataset``. A string ``eval_split`` names a
+    split of the eval data, or of the training data when no eval data is given; eval data without a split
+    name is read as its ``train`` split (the one split of a file). ``dataset_revision`` applies to both,
+    ``dataset_config`` only to ``dataset`` itself.
     """
+    train = cfg.dataset if train_dataset is None else train_dataset
+    options = {"config_name": cfg.dataset_config, "split": cfg.train_split, "revision": cfg.dataset_revision}
     named = isinstance(cfg.eval_split, str) and bool(cfg.eval_split)
-    if not cfg.eval_dataset and not named:
-        return None
-    source = cfg.eval_dataset or cfg.dataset
-    return source, {
-        "config_name": cfg.dataset_config if source == cfg.dataset else None,
-        "split": cfg.eval_split if named else "train",
-        "revision": cfg.dataset_revision,
-    }
+    evaluation = eval_dataset if eval_dataset is not None else cfg.eval_dataset or None
+    if evaluation is None and not named:
+        return (train, options), None
+    source = train if evaluation is None else evaluation
+    same = isinstance(source, (str, os.PathLike)) and str(source) == str(cfg.dataset)
+    eval_options = {"config_name": cfg.dataset_config if same else None,
+                    "split": cfg.eval_split if named else "train", "revision": cfg.dataset_revision}  # fmt: skip
+    return (train, options), (source, eval_options)
 
 
 # -------------------------------------------------------------------------------- prompt embeddings

@@ -69,8 +69,9 @@ from mmpref.adapters.diffusion import (
 )
 from mmpref.data.images import ImagePair, clip_embeddings, pair_pixels, prepare_image_dataset
 from mmpref.data.latent_cache import LatentCache
-from mmpref.data.text import eval_source
+from mmpref.data.text import config_sources
 from mmpref.hub import ModelSource, folder_fingerprint
+from mmpref.losses import tie_accuracy
 from mmpref.training.config import ConfigError, TrainConfig, model_source
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
@@ -100,6 +101,7 @@ class _ImageSplit:
     def __init__(self, task: DiffusionTask, pairs: list[ImagePair], cache_dir: Path, name: str):
         self.task, self.pairs, self.cache_dir, self.name = task, pairs, cache_dir, name  # the dataset's
         self.cache: LatentCache | None = None
+        self.labels = None  # image rows are always pairs (the loop balances unpaired text rows by these)
         self.embeddings: Tensor | None = None
 
     def __len__(self) -> int:
@@ -160,10 +162,10 @@ class DiffusionTask:
         # -- data
         load = {"on_bad_rows": cfg.on_bad_rows, "image_root": cfg.image_root,
                 "confine_image_paths": cfg.confine_image_paths}  # fmt: skip
-        train = prepare_image_dataset(cfg.dataset, config_name=cfg.dataset_config, split=cfg.train_split,
-                                      revision=cfg.dataset_revision, **load)  # fmt: skip
+        (train_data, options), evaluation = config_sources(cfg, train_dataset, eval_dataset)
+        train = prepare_image_dataset(train_data, **options, **load)
         train_pairs, eval_pairs, eval_cache = train.pairs, [], train.cache_dir
-        if (evaluation := eval_source(cfg)) is not None:  # eval_dataset, or a named split
+        if evaluation is not None:  # eval data of its own, or a named split
             eval_data, options = evaluation
             evald = prepare_image_dataset(eval_data, **options, **load)
             eval_pairs, eval_cache = evald.pairs, evald.cache_dir
@@ -489,5 +491,5 @@ def _error_metrics(model_err: Tensor, ref_err: Tensor) -> dict[str, Tensor]:
         "diffusion/ref_mse": r.mean(),
         "diffusion/model_mse_chosen": m[:, 0].mean(),
         "diffusion/model_mse_rejected": m[:, 1].mean(),
-        "diffusion/implicit_acc": ((m[:, 0] - r[:, 0]) < (m[:, 1] - r[:, 1])).float().mean(),
+        "diffusion/implicit_acc": tie_accuracy((m[:, 1] - r[:, 1]) - (m[:, 0] - r[:, 0])).mean(),
     }

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mmpref.adapters.causal_lm import TokenizedRow, collate, response_logps, tokenize_row
 from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
-from mmpref.data.text import eval_source, iter_rows
+from mmpref.data.text import config_sources, iter_rows
 from mmpref.hub import ModelSource
 from mmpref.progress import progress
 from mmpref.training.config import ConfigError, TrainConfig, custom_code_guard, model_source
@@ -159,12 +159,12 @@ class TextTask:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-        train = prepare_text_dataset(cfg.dataset, on_bad_rows=cfg.on_bad_rows, config_name=cfg.dataset_config,
-                                     split=cfg.train_split, revision=cfg.dataset_revision)  # fmt: skip
+        (train_data, options), evaluation = config_sources(cfg, train_dataset, eval_dataset)
+        train = prepare_text_dataset(train_data, on_bad_rows=cfg.on_bad_rows, **options)
         # rows are read a batch at a time while tokenizing, not copied to Python
         train_rows, train_numbers = train.dataset, train.row_numbers
         eval_rows: datasets.Dataset | None = None
-        if (evaluation := eval_source(cfg)) is not None:  # eval_dataset, or a named split
+        if evaluation is not None:  # eval data of its own, or a named split
             eval_data, options = evaluation
             evald = prepare_text_dataset(eval_data, on_bad_rows=cfg.on_bad_rows, **options)
             eval_rows, eval_numbers = evald.dataset, evald.row_numbers
@@ -231,14 +231,16 @@ class TextTask:
     def _precompute(self, split: _Split) -> Tensor:
         """Reference log-probs of every row, once, cached in the output folder.
 
-        The policy before training *is* the reference, so no second model is loaded.
-        Each process computes a strided share of the rows; the shares are then gathered.
+        The policy before training *is* the reference, so no second model is loaded. It runs under the
+        policy's numerics (dtype and the launcher's autocast), so ℓ is exactly 0 before the first step;
+        the precision is part of the cache key. Each process computes a strided share of the rows; the
+        shares are then gathered.
         """
         acc = self.accelerator
         cache = None
         if self.source is not None:  # an in-memory model has no identity to key a cache by
             model_id = hashlib.sha256(self.source.identity().encode()).hexdigest()[:16]
-            key = f"{model_id}-{split.key}-{self.cfg.torch_dtype}"
+            key = f"{model_id}-{split.key}-{self.cfg.torch_dtype}-{acc.mixed_precision}"
             cache = Path(self.cfg.output_dir) / "cache" / f"ref_logps-{split.name}-{key}.safetensors"
             if cache.is_file():
                 return load_file(cache)["ref_logps"]
@@ -253,7 +255,9 @@ class TextTask:
                 idx = mine[start : start + bs]
                 batch = split.collate(idx, self.tokenizer.pad_token_id)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                results.extend(zip(idx, response_logps(model, batch)[0].float().cpu().tolist()))
+                with acc.autocast():  # as the policy's forward in the loop
+                    logps = response_logps(model, batch)[0]
+                results.extend(zip(idx, logps.float().cpu().tolist()))
                 bar.update(len(idx))
         ref = torch.zeros(len(split), len(split.rows[0].responses))
         for i, values in gather_object(results):

@@ -17,3 +17,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def wandb_dir(tmp_path, monkeypatch):
+    """wandb's real package in offline mode, every folder of it under tmp_path; returns its run root."""
+    root = tmp_path / "wandb_home"
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": root, "WANDB_DATA_DIR": root / "data",
+           "WANDB_CACHE_DIR": root / "cache", "WANDB_CONFIG_DIR": root / "config", "WANDB_SILENT": "true",
+           "WANDB_CONSOLE": "off"}  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    root.mkdir()
+    import wandb
+
+    wandb.teardown()  # settings are read once per setup: drop any left from another test
+    yield root / "wandb"
+    wandb.teardown()

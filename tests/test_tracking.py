@@ -5,7 +5,6 @@ import struct
 from pathlib import Path
 
 import pytest
-import wandb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_text import write_rows
 
@@ -34,21 +33,6 @@ def tiny(tmp_path_factory):
 def text_args(tiny, out: Path, *extra: str, data: Path | None = None) -> list[str]:
     return [f"model={tiny['lm']}", f"dataset={data or tiny['text']}", f"output_dir={out}", "max_steps=2", "batch_size=4",
             "log_every=1", "max_length=64", "max_prompt_length=32", *extra]  # fmt: skip
-
-
-@pytest.fixture
-def wandb_dir(tmp_path, monkeypatch):
-    """wandb's real package in offline mode, every folder of it under tmp_path; returns its run root."""
-    root = tmp_path / "wandb_home"
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": root, "WANDB_DATA_DIR": root / "data",
-           "WANDB_CACHE_DIR": root / "cache", "WANDB_CONFIG_DIR": root / "config", "WANDB_SILENT": "true",
-           "WANDB_CONSOLE": "off"}  # fmt: skip
-    for name, value in env.items():
-        monkeypatch.setenv(name, str(value))
-    root.mkdir()
-    wandb.teardown()  # settings are read once per setup: drop any left from another test
-    yield root / "wandb"
-    wandb.teardown()
 
 
 def wandb_run(root: Path) -> Path:

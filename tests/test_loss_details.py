@@ -1,5 +1,6 @@
 """Loss details where mmpref follows the reference implementations: SimPO's metrics, ties, the SFT term."""
 
+import json
 import math
 
 import pytest
@@ -81,3 +82,51 @@ def test_diffusion_refuses_losses_its_logratio_cannot_feed(override, message, ti
     assert main(["train", str(config), *override.split()]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything loads or is written
+
+
+def test_odpo_pairs_whose_chosen_score_is_not_higher_are_bad_rows(tmp_path):
+    from mmpref.data import DataError, prepare_text_dataset
+
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad", "score_chosen": sc, "score_rejected": sr}
+            for i, (sc, sr) in enumerate([(2.0, 1.0), (1.0, 1.0), (0.5, 3.0), (4.0, 0.0)])]  # fmt: skip
+    with pytest.raises(DataError, match=r"2 of 4 rows are bad[\s\S]*row 1: 'score_chosen' \(1.0\) must exceed"):
+        prepare_text_dataset(rows, chosen_scores_higher=True)
+    kept = prepare_text_dataset(rows, chosen_scores_higher=True, on_bad_rows="skip")
+    assert list(kept.row_numbers) == [0, 3]
+    assert len(prepare_text_dataset(rows).dataset) == 4  # other losses take any scores
+    with pytest.raises(DataError, match="needs the columns score_chosen and score_rejected"):
+        prepare_text_dataset([{"prompt": "q", "chosen": "a", "rejected": "b"}], needs_scores=True)
+
+
+def test_odpo_offsets_are_not_clamped_per_pair():
+    rows = Rows(logratios=torch.zeros(1, 2), row_index=torch.arange(1), scores=torch.tensor([[1.0005, 1.0]]))
+    out = preference_loss(LossConfig(type="odpo", beta=1.0, offset_alpha=1.0), RPOConfig(), rows)
+    # Δ_r = log(0.0005) ≈ −7.6; the old clamp at 1e-3 gave log(1e-3) ≈ −6.9
+    assert out.loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-(0 - math.log(0.0005))))), rel=1e-4)
+
+
+def test_odpo_and_rdpo_train_on_image_rows_with_scores(tiny_sd15, tmp_path):
+    from mmpref.data import DataError
+    from mmpref.data.image_task import make_image_style_task
+    from mmpref.data.images import prepare_image_dataset
+    from mmpref.training import load_config, train
+
+    train_file, _ = make_image_style_task(tmp_path / "img", n_train=4, n_eval=1, size=32, n_style_refs=1)
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    for r in rows:  # the preferred (styled) image scores higher
+        r["score_0"], r["score_1"] = (2.0, 1.0) if r["label_0"] == 1 else (1.0, 2.0)
+    scored = tmp_path / "img" / "scored.jsonl"
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = prepare_image_dataset(scored, chosen_scores_higher=True).pairs
+    assert [p.scores for p in pairs] == [(2.0, 1.0)] * 4  # in (chosen, rejected) order
+    rows[1]["score_0"], rows[1]["score_1"] = rows[1]["score_1"], rows[1]["score_0"]
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="row 1: the preferred image's score"):
+        prepare_image_dataset(scored, chosen_scores_higher=True)
+    with pytest.raises(DataError, match="needs the columns score_0 and score_1"):
+        prepare_image_dataset(train_file, needs_scores=True)
+    for loss in ("odpo", "rdpo"):
+        cfg = load_config(None, [f"model={tiny_sd15}", f"dataset={scored}", f"output_dir={tmp_path / loss}",
+                                 f"loss.type={loss}", "loss.beta=5000", "max_steps=1", "batch_size=2",
+                                 "report_to=none", "diffusion.resolution=32", "on_bad_rows=skip"])  # fmt: skip
+        assert (train(cfg) / "unet").is_dir()

@@ -46,13 +46,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmpref.data.text import BadRow, DataError, _text_problem, bad_rows_error, iter_rows, open_rows
+from mmpref.data.text import (
+    BadRow,
+    DataError,
+    _text_problem,
+    bad_rows_error,
+    iter_rows,
+    open_rows,
+    score_problem,
+)
 from mmpref.errors import ConfigError
 from mmpref.hub import open_clip_name
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+IMAGE_SCORE_COLUMNS = ("score_0", "score_1")
 LABELS = (0, 0.5, 1)
 MAX_IMAGE_PIXELS = 64 * 2**20  # 8192 x 8192: far above any training resolution, ~200 MB decoded as RGB
 ImageRef = bytes | Path
@@ -67,6 +76,7 @@ class ImagePair:
     chosen: ImageRef
     rejected: ImageRef
     digest: str  # sha256 of caption and both images' bytes, in chosen/rejected order
+    scores: tuple[float, float] | None = None  # (chosen, rejected) from score_0 / score_1, for odpo / rdpo
 
 
 @dataclass
@@ -205,8 +215,14 @@ def prepare_image_dataset(
     revision: str | None = None,
     image_root: str | Path | None = None,
     confine_image_paths: bool = False,
+    needs_scores: bool = False,
+    chosen_scores_higher: bool = False,
 ) -> ImageDataset:
     """Load Pick-a-Pic-style rows, validate every one, order each pair as (chosen, rejected).
+
+    Optional ``score_0`` / ``score_1`` columns (a reward model's score of ``jpg_0`` / ``jpg_1``) feed odpo and
+    rdpo: ``needs_scores`` requires them, ``chosen_scores_higher`` also the preferred image's score above the
+    other's (ODPO's log(s_w − s_l)).
 
     ``source``, ``config_name``, ``split``, ``revision``: as :func:`mmpref.data.text.open_rows` takes them
     (an in-memory ``datasets.Dataset`` or list of dicts too). ``image_root`` and ``confine_image_paths``:
@@ -235,7 +251,11 @@ def prepare_image_dataset(
     confine_to = base if confine_image_paths else None
     if confine_to is not None and image_root is None and base.parent.name == "snapshots":
         confine_to = base.parent.parent  # a hub snapshot's files link into its repo's blobs/ folder
-    ds = ds.select_columns(list(IMAGE_COLUMNS))
+    has_scores = all(c in ds.column_names for c in IMAGE_SCORE_COLUMNS)
+    if (needs_scores or chosen_scores_higher) and not has_scores:
+        raise DataError(f"{name}: the loss needs the columns score_0 and score_1 (a score of jpg_0 and of jpg_1) "
+                        f"in every row (found: {', '.join(ds.column_names)})")  # fmt: skip
+    ds = ds.select_columns(list(IMAGE_COLUMNS) + (list(IMAGE_SCORE_COLUMNS) if has_scores else []))
     for column in ("jpg_0", "jpg_1"):  # datasets.Image: the stored bytes / path, not a decoded PIL image
         if isinstance(ds.features[column], datasets.Image) and ds.features[column].decode:
             ds = ds.cast_column(column, datasets.Image(decode=False))
@@ -244,17 +264,27 @@ def prepare_image_dataset(
         caption, label = row["caption"], row["label_0"]
         reasons, refs, blobs = image_row_problems(caption, row["jpg_0"], row["jpg_1"], label, base,
                                                   confine_to=confine_to)  # fmt: skip
+        order = (0, 1) if label == 1 else (1, 0)
+        scores = None
+        if has_scores:
+            raw = [row[c] for c in IMAGE_SCORE_COLUMNS]
+            found = [r for c, v in zip(IMAGE_SCORE_COLUMNS, raw) if (r := score_problem(c, v))]
+            reasons += found
+            if not found:
+                scores = (float(raw[order[0]]), float(raw[order[1]]))
+                if chosen_scores_higher and label != 0.5 and not scores[0] > scores[1]:
+                    reasons.append(f"the preferred image's score ({scores[0]}) must exceed the other's "
+                                   f"({scores[1]}): ODPO's offset log(s_w − s_l) is undefined otherwise")  # fmt: skip
         if reasons:
             bad.append(BadRow(i, "; ".join(reasons)))
             continue
         if label == 0.5:
             ties += 1
             continue
-        order = (0, 1) if label == 1 else (1, 0)
         h = hashlib.sha256(caption.encode())
         for k in order:
             h.update(hashlib.sha256(blobs[k]).digest())
-        pairs.append(ImagePair(i, caption, refs[order[0]], refs[order[1]], h.hexdigest()))
+        pairs.append(ImagePair(i, caption, refs[order[0]], refs[order[1]], h.hexdigest(), scores))
 
     if bad and on_bad_rows == "error":
         raise bad_rows_error(name, bad, ds.num_rows)
@@ -332,7 +362,9 @@ def load_open_clip(model: str, weights: str | None = None, device: str | torch.d
                               "weights: a checkpoint file or an open_clip pretrained tag; or give a hub id")  # fmt: skip
         pretrained = str(weights)
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device
+        )
     except RuntimeError as exc:  # open_clip's word for an unknown name, tag or an uncached download
         raise ConfigError(f"{key}: open_clip cannot load {model!r} with weights {weights!r} ({exc})") from exc
     return clip.eval(), preprocess, open_clip.get_tokenizer(name)

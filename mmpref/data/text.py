@@ -667,23 +667,31 @@ def detect_format(columns: Iterable[str]) -> str:
     )
 
 
-def validate_rows(ds: datasets.Dataset, fmt: str, *, implicit_prompt: bool = False) -> list[BadRow]:
+def validate_rows(ds: datasets.Dataset, fmt: str, *, implicit_prompt: bool = False, needs_scores: bool = False,
+                  chosen_scores_higher: bool = False) -> list[BadRow]:  # fmt: skip
     """Every bad row of ``ds`` (one entry per row, all its problems joined by "; ").
 
     One pass, :data:`ROWS_PER_BATCH` rows at a time: fast enough for 100k rows, flat in memory, and
     it runs before training so a bad row costs seconds, not a crashed run. ``implicit_prompt``: the
     prompts were cut from ``chosen`` / ``rejected``, so a missing prompt is reported as such.
+    ``needs_scores``: the loss (odpo, rdpo) reads the score columns of every row; ``chosen_scores_higher``:
+    ODPO's offset log(s_w − s_l) also needs the chosen score above the rejected one.
     """
     if fmt not in ("paired", "unpaired"):
         raise ValueError(f"fmt must be 'paired' or 'unpaired', got {fmt!r}")
     text_cols = ("prompt", "chosen", "rejected") if fmt == "paired" else ("prompt", "completion")
     scores = [c for c in SCORE_COLUMNS if fmt == "paired" and c in ds.column_names]
     scores = [c for c in scores if _has_values(ds, c)]  # an all-null column counts as absent
+    if (needs_scores or chosen_scores_higher) and len(scores) < 2:
+        raise DataError(f"the loss needs the columns score_chosen and score_rejected in every row "
+                        f"(found: {', '.join(ds.column_names)}); `mmpref score` adds them with a reward model")  # fmt: skip
     wanted = [*text_cols, *([] if fmt == "paired" else ["label"]), *scores]
     bad = []
     for i, row in enumerate(iter_rows(ds.select_columns(wanted))):
-        if reasons := row_problems(row, fmt, scores, implicit_prompt=implicit_prompt):
-            bad.append(BadRow(i, "; ".join(reasons)))
+        problems = row_problems(row, fmt, scores, implicit_prompt=implicit_prompt,
+                                chosen_scores_higher=chosen_scores_higher)  # fmt: skip
+        if problems:
+            bad.append(BadRow(i, "; ".join(problems)))
     return bad
 
 
@@ -702,9 +710,11 @@ def _has_values(ds: datasets.Dataset, column: str) -> bool:
 
 
 def row_problems(
-    row: dict[str, Any], fmt: str, score_columns: Sequence[str] = (), *, implicit_prompt: bool = False
-) -> list[str]:
+    row: dict[str, Any], fmt: str, score_columns: Sequence[str] = (), *, implicit_prompt: bool = False,
+    chosen_scores_higher: bool = False,
+) -> list[str]:  # fmt: skip
     """Every problem of one row (empty list: a good row); ``score_columns`` are checked when given.
+    ``chosen_scores_higher``: ODPO's offset log(s_w − s_l) needs ``score_chosen`` > ``score_rejected``.
 
     Total over any input: whatever the values, it returns reasons and never raises. With
     ``implicit_prompt`` the prompt was cut from ``chosen`` / ``rejected``: an empty one means they share
@@ -724,15 +734,22 @@ def row_problems(
             reasons.append("missing 'label'")
         elif not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
             reasons.append(f"'label' must be a bool (or 0/1), got {label!r}")
-    for c in score_columns:
-        value = row.get(c)
-        if value is None:
-            reasons.append(f"missing {c!r} (other rows have it)")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            reasons.append(f"{c!r} must be a number, got {value!r}")
-        elif isinstance(value, float) and not math.isfinite(value):  # ints are finite (and may exceed floats)
-            reasons.append(f"{c!r} is {value}")
+    reasons += [r for c in score_columns if (r := score_problem(c, row.get(c)))]
+    if chosen_scores_higher and not reasons and not row["score_chosen"] > row["score_rejected"]:
+        reasons.append(f"'score_chosen' ({row['score_chosen']}) must exceed 'score_rejected' "
+                       f"({row['score_rejected']}): ODPO's offset log(s_w − s_l) is undefined otherwise")  # fmt: skip
     return reasons
+
+
+def score_problem(column: str, value: Any) -> str | None:
+    """What is wrong with one score cell (a finite number), or None."""
+    if value is None:
+        return f"missing {column!r} (other rows have it)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{column!r} must be a number, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):  # ints are finite (and may exceed floats)
+        return f"{column!r} is {value}"
+    return None
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -814,13 +831,15 @@ def prepare_text_dataset(
     split: str = "train",
     revision: str | None = None,
     cache_dir: str | Path | None = None,
+    needs_scores: bool = False,
+    chosen_scores_higher: bool = False,
 ) -> TextDataset:
     """Load, detect the format, extract implicit prompts and validate: the one call a trainer makes before step 0.
 
     ``source``: any source of the module docstring, or an in-memory ``datasets.Dataset`` / list of dicts;
     ``config_name``, ``split``, ``revision``, ``cache_dir``: see :func:`open_rows`. ``on_bad_rows="error"``
     stops with a message listing the bad rows; ``"skip"`` drops them and logs how many, so nothing
-    disappears without a trace.
+    disappears without a trace. ``needs_scores``, ``chosen_scores_higher``: see :func:`validate_rows`.
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
@@ -835,7 +854,11 @@ def prepare_text_dataset(
     implicit = fmt == "paired" and needs_prompt_extraction(ds.features)
     if implicit:
         ds = _with_extracted_prompts(ds, rows.cache_dir)
-    bad = validate_rows(ds, fmt, implicit_prompt=implicit)
+    try:
+        bad = validate_rows(ds, fmt, implicit_prompt=implicit, needs_scores=needs_scores,
+                            chosen_scores_higher=chosen_scores_higher)  # fmt: skip
+    except DataError as exc:
+        raise DataError(f"{name}: {exc}") from exc
     if bad and on_bad_rows == "error":
         raise bad_rows_error(name, bad, ds.num_rows)
     row_numbers: Sequence[int] = range(ds.num_rows)

@@ -278,12 +278,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def base_loss(cfg: TrainConfig) -> str:
+    """The pairwise loss in use: ``loss.type``, or under RPO the ``rpo.base_loss`` on its contrast matrix."""
+    return cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type
+
+
+def score_checks(cfg: TrainConfig) -> dict[str, bool]:
+    """What the rows must carry for the loss (the data loaders' ``needs_scores`` / ``chosen_scores_higher``).
+
+    odpo and rdpo read a score per answer; ODPO's per-pair offset log(s_w − s_l) also needs s_w > s_l in every
+    row. Under RPO a cross pair's gap may be ≤ 0 whatever the rows hold: the objective clamps those.
+    """
+    base = base_loss(cfg)
+    return {"needs_scores": base in ("odpo", "rdpo"), "chosen_scores_higher": base == "odpo" and cfg.loss.type != "rpo"}
+
+
 def check_diffusion_losses(cfg: TrainConfig) -> None:
     """The losses a diffusion ℓ can feed. ℓ = −½(‖ε−εθ‖² − ‖ε−εref‖²) is a log-ratio with no log-likelihood of
     its own: SimPO (reference-free, on log-probs) and the SFT term (an NLL) have nothing to work on. odpo and
     rdpo take per-image scores from the data (``score_0`` / ``score_1``), checked when the data load."""
-    base = cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type
-    if base == "simpo":
+    if base_loss(cfg) == "simpo":
         key = "rpo.base_loss" if cfg.loss.type == "rpo" else "loss.type"
         raise ConfigError(f"{key}: simpo needs the policy's own log-probs, which a diffusion UNet does not have "
                           "(its ℓ is a difference of denoising errors); use sigmoid, ipo, hinge, robust, cdpo, "

@@ -72,7 +72,7 @@ from mmpref.data.latent_cache import LatentCache
 from mmpref.data.text import config_sources
 from mmpref.hub import ModelSource, folder_fingerprint
 from mmpref.losses import tie_accuracy
-from mmpref.training.config import ConfigError, TrainConfig, model_source
+from mmpref.training.config import ConfigError, TrainConfig, model_source, score_checks
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
 from mmpref.training.sampling import (
@@ -161,7 +161,7 @@ class DiffusionTask:
 
         # -- data
         load = {"on_bad_rows": cfg.on_bad_rows, "image_root": cfg.image_root,
-                "confine_image_paths": cfg.confine_image_paths}  # fmt: skip
+                "confine_image_paths": cfg.confine_image_paths, **score_checks(cfg)}  # fmt: skip
         (train_data, options), evaluation = config_sources(cfg, train_dataset, eval_dataset)
         train = prepare_image_dataset(train_data, **options, **load)
         train_pairs, eval_pairs, eval_cache = train.pairs, [], train.cache_dir
@@ -283,6 +283,8 @@ class DiffusionTask:
     def _collate(self, split: _ImageSplit, indices: list[int], train: bool) -> dict[str, Tensor]:
         dc, b = self.cfg.diffusion, len(indices)
         batch: dict[str, Tensor] = {"row_index": torch.tensor([split.pairs[i].row for i in indices])}
+        if split.pairs[indices[0]].scores is not None:  # odpo / rdpo: (chosen, rejected) scores of each pair
+            batch["scores"] = torch.tensor([split.pairs[i].scores for i in indices], dtype=torch.float32)
         drop, flip = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
         if train:  # one global-RNG draw per batch, then per-row seeds (module docstring)
             batch_seed = int(torch.randint(0, 2**62, (1,)))
@@ -372,6 +374,7 @@ class DiffusionTask:
             logratios=logratios,
             row_index=batch["row_index"],
             embeddings=batch.get("embeddings"),
+            scores=batch.get("scores"),
             metrics=_error_metrics(model_err, ref_err),
         )
 

@@ -37,7 +37,7 @@ from mmpref.training.checkpoint import (
     find_checkpoint,
     rewind_metrics,
 )
-from mmpref.training.config import ConfigError, TrainConfig, check_paths, model_source, to_dict
+from mmpref.training.config import ConfigError, TrainConfig, base_loss, check_paths, model_source, to_dict
 from mmpref.training.distributed import sharding
 from mmpref.training.model_card import push_to_hub, write_model_card
 from mmpref.training.objective import Rows, gather_rows, preference_loss
@@ -182,7 +182,7 @@ def evaluate(task, model, cfg: TrainConfig, accelerator: Accelerator, step: int 
         DataLoader(list(range(len(task.eval))), batch_size=cfg.eval_batch_size, collate_fn=task.collate_eval)
     )
     losses, logratios, labels = [], [], []
-    simpo = (cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type) == "simpo"
+    simpo = base_loss(cfg) == "simpo"
     for batch in loader:
         with accelerator.autocast():  # the numerics of the training forward (and of the precomputed reference)
             rows = task.rows(model, batch)

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from mmpref.hub import HUB_ID, ModelSource, split_revision
-from mmpref.training.config import DATA_SUFFIXES, TrainConfig
+from mmpref.training.config import DATA_SUFFIXES, TrainConfig, base_loss
 
 # loss.type -> (name, authors, arXiv id): the papers the loss functions cite
 LOSS_PAPERS = {
@@ -76,7 +76,7 @@ def _hyperparameters(
                      "RPO temperature": cfg.rpo.temperature})  # fmt: skip
         if cfg.rpo.mode == "diagonal":
             rows["RPO diagonal weight"] = cfg.rpo.diagonal_weight
-    pairwise = cfg.rpo.base_loss if loss.type == "rpo" else loss.type
+    pairwise = base_loss(cfg)
     if pairwise in ("robust", "cdpo"):
         rows["label smoothing ε"] = loss.label_smoothing
     if pairwise == "simpo":
@@ -156,7 +156,7 @@ def write_model_card(folder: Path, cfg: TrainConfig, source: ModelSource | None,
     base_args = f'"{base_name}"' + (f', revision="{source.revision}"' if hub and source.revision else "")
     datasets = list(dict.fromkeys(d for d in map(hub_dataset_id, (cfg.dataset, cfg.eval_dataset)) if d))
     method = "rpo" if cfg.loss.type == "rpo" else "dpo"
-    tags = ["mmpref", method, cfg.rpo.base_loss if method == "rpo" else cfg.loss.type]
+    tags = ["mmpref", method, base_loss(cfg)]
     if cfg.lora is not None:
         tags.append("lora")
     if diffusion:

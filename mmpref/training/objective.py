@@ -10,7 +10,7 @@ from torch import Tensor
 from mmpref.losses import PreferenceLossOutput, dpo_loss, rpo_loss
 from mmpref.training.config import LossConfig, RPOConfig
 
-ODPO_MIN_SCORE_GAP = 1e-3  # log(s_w − s_l) is undefined for s_w ≤ s_l: the gap is clamped here
+ODPO_MIN_SCORE_GAP = 1e-3  # RPO + odpo: log(s_w,i − s_l,j) of a cross pair with s_w,i ≤ s_l,j is clamped here
 
 
 @dataclass
@@ -95,8 +95,9 @@ def preference_loss(loss_cfg: LossConfig, rpo_cfg: RPOConfig, rows: Rows) -> Pre
             raise ValueError(f"loss {base!r} needs score_chosen / score_rejected columns in paired rows")
         # RPO contrasts every chosen with every rejected sample: one score gap per contrast
         gap = sw[:, None] - sl[None, :] if loss_cfg.type == "rpo" else sw - sl
-        if base == "odpo":
-            kwargs["offsets"] = loss_cfg.offset_alpha * gap.clamp_min(ODPO_MIN_SCORE_GAP).log()
+        if base == "odpo":  # per pair the data guarantee s_w > s_l; RPO's cross pairs need the clamp
+            gap = gap.clamp_min(ODPO_MIN_SCORE_GAP) if loss_cfg.type == "rpo" else gap
+            kwargs["offsets"] = loss_cfg.offset_alpha * gap.log()
         else:
             kwargs["label_probs"] = torch.sigmoid(gap / loss_cfg.reward_temperature)
 

@@ -22,7 +22,14 @@ from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, pr
 from mmpref.data.text import config_sources, iter_rows
 from mmpref.hub import ModelSource
 from mmpref.progress import progress
-from mmpref.training.config import ConfigError, TrainConfig, custom_code_guard, model_source
+from mmpref.training.config import (
+    ConfigError,
+    TrainConfig,
+    base_loss,
+    custom_code_guard,
+    model_source,
+    score_checks,
+)
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
 
@@ -144,7 +151,7 @@ class TextTask:
                  model: nn.Module | None = None, tokenizer=None, train_dataset=None, eval_dataset=None):  # fmt: skip
         """``source``: the resolved ``model`` key (default: resolved here), unless ``model`` and ``tokenizer``
         are given already loaded; ``train_dataset`` / ``eval_dataset`` (in memory) replace the config's."""
-        self.reference_free = (cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type) == "simpo"
+        self.reference_free = base_loss(cfg) == "simpo"
         frozen_copy = not self.reference_free and not cfg.precompute_ref and cfg.lora is None
         check_scale_out(cfg, accelerator, frozen_reference=frozen_copy, text=True)
         if source is None and model is None:
@@ -154,19 +161,22 @@ class TextTask:
             self.tokenizer, self.model = self._load(source, tokenizer)
         else:
             if tokenizer is None:
-                raise ConfigError("tokenizer: an already loaded model needs its tokenizer (train(..., tokenizer=))")
+                raise ConfigError(
+                    "tokenizer: an already loaded model needs its tokenizer (train(..., tokenizer=))"
+                )
             self.tokenizer, self.model = tokenizer, model
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
         (train_data, options), evaluation = config_sources(cfg, train_dataset, eval_dataset)
-        train = prepare_text_dataset(train_data, on_bad_rows=cfg.on_bad_rows, **options)
+        scores = score_checks(cfg)  # odpo / rdpo: the score columns the loss reads
+        train = prepare_text_dataset(train_data, on_bad_rows=cfg.on_bad_rows, **scores, **options)
         # rows are read a batch at a time while tokenizing, not copied to Python
         train_rows, train_numbers = train.dataset, train.row_numbers
         eval_rows: datasets.Dataset | None = None
         if evaluation is not None:  # eval data of its own, or a named split
             eval_data, options = evaluation
-            evald = prepare_text_dataset(eval_data, on_bad_rows=cfg.on_bad_rows, **options)
+            evald = prepare_text_dataset(eval_data, on_bad_rows=cfg.on_bad_rows, **scores, **options)
             eval_rows, eval_numbers = evald.dataset, evald.row_numbers
         else:
             evald = train
@@ -222,7 +232,10 @@ class TextTask:
                     source.name, trust_remote_code=cfg.trust_remote_code, **source.kwargs
                 )
             model = AutoModelForCausalLM.from_pretrained(
-                source.name, dtype=DTYPES[cfg.torch_dtype], trust_remote_code=cfg.trust_remote_code, **source.kwargs
+                source.name,
+                dtype=DTYPES[cfg.torch_dtype],
+                trust_remote_code=cfg.trust_remote_code,
+                **source.kwargs,
             )
         return tokenizer, model
 

@@ -130,3 +130,31 @@ def test_odpo_and_rdpo_train_on_image_rows_with_scores(tiny_sd15, tmp_path):
                                  f"loss.type={loss}", "loss.beta=5000", "max_steps=1", "batch_size=2",
                                  "report_to=none", "diffusion.resolution=32", "on_bad_rows=skip"])  # fmt: skip
         assert (train(cfg) / "unet").is_dir()
+
+
+def test_sdxl_flip_mirrors_the_crop_corner_as_diffusers_does(tmp_path):
+    """diffusers' SDXL scripts flip the resized image, then crop: crop_top_left is measured in the mirror."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmpref.data.images import ImagePair, pair_pixels
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 80, 3), dtype=np.uint8)) for _ in range(2)]
+    blobs = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    pair = ImagePair(0, "a caption", blobs[0], blobs[1], "digest")
+    plain = pair_pixels(pair, 32, center_crop=False, generator=torch.Generator().manual_seed(3))
+    flipped = pair_pixels(pair, 32, center_crop=False, flip=True, generator=torch.Generator().manual_seed(3))
+    (top, left), width = plain.crop_top_left, 64  # 40x80 resized so the short side is 32: 32x64
+    assert flipped.crop_top_left == (top, width - 32 - left) and flipped.mirrored_left == width - 32 - left
+    # the diffusers order: resize, flip, crop at the mirrored corner; the same pixels
+    resized = np.asarray(images[0].resize((width, 32), Image.BILINEAR), dtype=np.float32)[:, ::-1]
+    crop = resized[top : top + 32, width - 32 - left : width - left]
+    expected = torch.from_numpy(crop.copy()).permute(2, 0, 1) / 127.5 - 1.0
+    torch.testing.assert_close(flipped.pixels[0], expected)

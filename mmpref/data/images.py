@@ -305,7 +305,8 @@ def prepare_image_dataset(
 class PairPixels:
     pixels: torch.Tensor  # (2, 3, R, R) in [-1, 1]: chosen, rejected
     original_size: tuple[int, int]  # (h, w) of the chosen image
-    crop_top_left: tuple[int, int]  # (top, left) in the resized image
+    crop_top_left: tuple[int, int]  # (top, left) in the resized image, mirrored when flipped
+    mirrored_left: int  # the crop's left edge in the mirrored resized image (what a flip reports)
 
 
 def pair_pixels(
@@ -333,9 +334,12 @@ def pair_pixels(
         np.asarray(im.resize((w, h), Image.BILINEAR).crop(box), dtype=np.float32) for im in (chosen, rejected)
     ]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    # diffusers' SDXL scripts flip before cropping, so a flipped pair's crop_top_left is measured in the mirrored
+    # image: the same pixels as this crop-then-flip, with the left edge at w - resolution - left
+    mirrored = w - resolution - left
     if flip:
         pixels = pixels.flip(-1)
-    return PairPixels(pixels.contiguous(), (h0, w0), (top, left))
+    return PairPixels(pixels.contiguous(), (h0, w0), (top, mirrored if flip else left), mirrored)
 
 
 # ---------------------------------------------------------------------------------- CLIP embeddings

@@ -89,7 +89,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MIXED = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoraConfig's default, meant for LMs
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: SDXL time ids hold the mirrored crop edge too
 EVAL_SEED_STRIDE = 1_000_003
 TRAIN_ROW_STRIDE = 1_000_003  # seed offset between rows of a training batch; +1 is a row's noise seed
 EVAL_DRAW_STRIDE = 2**40  # seed offset of each further evaluation draw of a row (beyond any row seed)
@@ -266,9 +266,9 @@ class DiffusionTask:
                 "latents": torch.stack(lat, dim=1),
                 **self._encode_text([split.pairs[i].caption for i in rows]),
             }
-            if self.is_sdxl:
+            if self.is_sdxl:  # original (h, w), crop (top, left), and the left edge a flip reports
                 out["time_ids"] = torch.tensor(
-                    [[*p.original_size, *p.crop_top_left] for p in pp], dtype=torch.int32
+                    [[*p.original_size, *p.crop_top_left, p.mirrored_left] for p in pp], dtype=torch.int32
                 )
             return out
 
@@ -302,8 +302,10 @@ class DiffusionTask:
                     value = got[name].float()
                     empty = split.cache.extra[f"empty_{name}"].float()
                     batch[name] = torch.where(drop.view(-1, *[1] * (value.ndim - 1)), empty, value)
-            if "time_ids" in got:
-                batch["time_ids"] = got["time_ids"].float()
+            if "time_ids" in got:  # a flipped pair reports its crop's left edge in the mirrored image
+                tid = got["time_ids"].float()
+                left = torch.where(flip, tid[:, 4], tid[:, 3])
+                batch["time_ids"] = torch.cat([tid[:, :3], left[:, None]], dim=1)
         else:
             pp = [self._pixels(split, i, flip=bool(f)) for i, f in zip(indices, flip)]
             batch["pixels"] = torch.stack([p.pixels for p in pp])

@@ -1,0 +1,55 @@
+"""Per-token log-probs from final hidden states without a ``[tokens, vocabulary]`` logits tensor.
+
+The LM head is the largest allocation of a preference step at today's shapes: 1,500 answer tokens at a
+151,936-token vocabulary are ≈ 0.9 GB of float32 logits per side, kept again for backward. Here the head,
+logsumexp and gather run over ``chunk_size`` positions at a time; under autograd each chunk is a
+``torch.utils.checkpoint`` segment, so backward recomputes that chunk's logits instead of storing them.
+Peak memory for the head is one chunk's logits, whatever the answer length. The results are the same
+numbers as the whole-tensor computation: the same ops run on the same rows, only fewer at a time.
+
+Any head module works (tied or untied weights, a bias, LoRA on the head). Models whose forward changes the
+logits after the head are handled as their forward does: Gemma 2/3's ``final_logit_softcapping``
+(cap·tanh(logits/cap)) and Cohere's ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: 1024 × 151,936 float32 logits ≈ 0.6 GB, at any answer length
+
+
+def logits_transform(config) -> tuple[float | None, float | None]:
+    """``(softcap, scale)`` that the model's forward applies to the head's output (None: not used)."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    return softcap, scale
+
+
+def _chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor, softcap, scale) -> Tensor:
+    logits = head(hidden)
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                config=None) -> Tensor:  # fmt: skip
+    """float32 log p(targets[i] | hidden[i]) for (N, H) ``hidden`` and (N,) ``targets``, ``chunk_size`` rows
+    at a time (0: all at once). ``config``: the model's config, for a softcap or scale after the head."""
+    softcap, scale = logits_transform(config) if config is not None else (None, None)
+    if chunk_size <= 0 or hidden.shape[0] <= chunk_size:
+        return _chunk_logps(head, hidden, targets, softcap, scale)
+    parts = []
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters())):
+            # recomputed in backward: only this chunk's logits ever exist at once
+            parts.append(checkpoint(_chunk_logps, head, h, t, softcap, scale, use_reentrant=False))
+        else:  # the reference pass: no graph, each chunk's logits are freed before the next
+            parts.append(_chunk_logps(head, h, t, softcap, scale))
+    return torch.cat(parts)

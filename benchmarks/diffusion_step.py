@@ -1,12 +1,12 @@
 """Training steps per second on diffusion: mmpref's cached Diffusion-DPO step vs the diffusers example's.
 
-DESIGN §10: one process, the contenders alternating in rounds (each round: ``--warmup`` untimed steps,
+docs/design.md §15: one process, the contenders alternating in rounds (each round: ``--warmup`` untimed steps,
 then ``--steps`` timed ones), the same model, data and LoRA for all. The headline uses the real SD 1.5
 architecture (the published ``unet`` / ``vae`` / ``text_encoder`` configs of stable-diffusion-v1-5,
 written inline below, random weights, nothing downloaded) at 512 px, LoRA (rank 4, on ``to_q, to_k,
 to_v, to_out.0``, as the diffusers example) on the UNet, a batch of one pair, fp32.
 ``--tiny`` runs the same code on :func:`mmpref.testing.make_tiny_sd15` at 64 px (a smoke run: a
-ratio from tiny configs does not count, DESIGN §10).
+ratio from tiny configs does not count, docs/design.md §15).
 
 Contenders (all train the one LoRA UNet, each with its own AdamW over the adapters):
 

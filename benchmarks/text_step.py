@@ -1,6 +1,6 @@
 """Optimizer steps per second on text: mmpref DPO / RPO vs TRL's DPOTrainer vs a plain padded loop.
 
-DESIGN §10: one process, the contenders alternating in rounds (each round: ``--warmup`` untimed
+docs/design.md §15: one process, the contenders alternating in rounds (each round: ``--warmup`` untimed
 steps, then ``--steps`` timed ones), both sides configured fairly at the shapes users train at:
 a Llama-style model (hidden 256, 4 layers, 4 heads, untied 32k head), prompts of 64–384 tokens,
 responses of 16–128 (chosen and rejected drawn independently), batch 4, fp32, no gradient
@@ -17,13 +17,13 @@ a round restarts every contender at the first batch):
 3. ``trl-dpo``: ``trl.DPOTrainer`` with ``precompute_ref_log_probs=True`` (see ``trl_runner`` for
    each setting); timed between its ``on_step_end`` callbacks, so the time covers the whole
    step as the Trainer runs it (data loading, forward/backward, clipping, AdamW, scheduler).
-4. ``padded``: the floor TRL was measured against in DESIGN §10: [prompt+chosen; prompt+rejected]
+4. ``padded``: the floor TRL was measured against in docs/design.md §15: [prompt+chosen; prompt+rejected]
    as one right-padded batch, full logits, log_softmax, masked sum, same loss and optimizer.
 
 Every timed step includes building its batch from pre-tokenized rows, as every trainer does.
 Run from the repository root:
 
-    python benchmarks/text_step.py            # DESIGN §10 shapes, several minutes on 2 CPU cores
+    python benchmarks/text_step.py            # docs/design.md §15 shapes, several minutes on 2 CPU cores
     python benchmarks/text_step.py --quick    # tiny shapes, a smoke run in seconds
 """
 
@@ -277,7 +277,7 @@ def trl_runner(model_dir: Path, rows: list[dict[str, str]], out_dir: Path, shape
         optim="adamw_torch",
         max_grad_norm=1.0,
         # TRL defaults bf16=True and gradient_checkpointing=True: both ~10× slower on CPU and not what
-        # mmpref runs (fp32, no checkpointing), so off (DESIGN §10).
+        # mmpref runs (fp32, no checkpointing), so off (docs/design.md §15).
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,

@@ -12,7 +12,7 @@ nouns with one of the topic's verbs. The rejected answer breaks the rule in one 
 
 The lead-in sits right after the opener, where the context is the prompt alone; that is what
 makes the topic rule learnable by a 2-layer model in a few hundred pairs.
-Prompts fall in five clusters, so RPO's prompt-similarity weighting (DESIGN §3) has real structure
+Prompts fall in five clusters, so RPO's prompt-similarity weighting (docs/design.md §6) has real structure
 to use: a cooking prompt's rejected answer is most informative next to another cooking prompt.
 Phrasing varies through templates, openers and noun choices; eval prompts never occur in train.
 Scores (for ODPO-style losses) are drawn from disjoint ranges: chosen 7-10, off_topic 3-5, rude 0-2.

@@ -1,4 +1,4 @@
-"""Text data: loading, row validation, prompt embeddings and the bundled task (DESIGN §3, §7)."""
+"""Text data: loading, row validation, prompt embeddings and the bundled task (docs/design.md §6, §10)."""
 
 from __future__ import annotations
 

@@ -158,3 +158,11 @@ def test_sdxl_flip_mirrors_the_crop_corner_as_diffusers_does(tmp_path):
     crop = resized[top : top + 32, width - 32 - left : width - left]
     expected = torch.from_numpy(crop.copy()).permute(2, 0, 1) / 127.5 - 1.0
     torch.testing.assert_close(flipped.pixels[0], expected)
+
+
+def test_global_batch_is_refused_without_rpo():
+    from mmpref.training import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="rpo.global_batch: only for loss.type=rpo"):
+        load_config(None, ["model=m", "dataset=d.jsonl", "rpo.global_batch=true"])
+    assert load_config(None, ["loss.type=rpo", "rpo.global_batch=true"]).rpo.global_batch

@@ -1,4 +1,4 @@
-"""Each loss against the DESIGN formula computed by hand (plain floats), plus gradients."""
+"""Each loss against the docs/design.md §5 formula computed by hand (plain floats), plus gradients."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Style-alignment metric (DESIGN §6): pure functions, the open_clip embedder and cache, the CLI commands."""
+"""Style-alignment metric (docs/design.md §9): pure functions, the open_clip embedder and cache, the CLI commands."""
 
 import argparse
 import json

@@ -157,7 +157,9 @@ def tokenize_row(
         n = max(0, max_prompt_length - len(head))
         body = body[len(body) - n :] if truncation_mode == "keep_end" else body[:n]
     prompt_ids = head + body
-    response_ids = [_response_ids(tokenizer, r_text)[: max(1, max_length - len(prompt_ids))] for _, r_text in texts]
+    response_ids = [
+        _response_ids(tokenizer, r_text)[: max(1, max_length - len(prompt_ids))] for _, r_text in texts
+    ]
     return TokenizedRow(index=index, prompt=prompt_ids, responses=response_ids)
 
 
@@ -284,7 +286,7 @@ def layout_for(model: nn.Module) -> Layout:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layout(base: type, attn_implementation: str, layer_types: tuple[str, ...], alibi: bool) -> Layout:
     module = sys.modules.get(base.__module__)
     if attn_implementation not in ("sdpa", "eager", "flex_attention"):
@@ -298,7 +300,7 @@ def _layout(base: type, attn_implementation: str, layer_types: tuple[str, ...], 
     return Layout(SHARED_PROMPT, f"{attn_implementation} masks for {', '.join(sorted(set(layer_types)))}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_layout(name: str, layout: Layout) -> None:
     logger.info("%s: %s layout (%s)", name, layout.name.replace("_", "-"), layout.reason)
 
@@ -338,7 +340,8 @@ def shared_prompt_masks(config, batch: dict[str, Tensor], dtype: torch.dtype) ->
         else:
             pattern = mu.causal_mask_function
         mask_function = mu.and_masks(
-            mu.remap_positions_for_packed_sequence(pattern, position_ids), shared_prompt_mask_function(segment)
+            mu.remap_positions_for_packed_sequence(pattern, position_ids),
+            shared_prompt_mask_function(segment),
         )
         masks[layer_type] = build(
             batch_size=b, q_length=length, kv_length=length, mask_function=mask_function,
@@ -350,7 +353,9 @@ def shared_prompt_masks(config, batch: dict[str, Tensor], dtype: torch.dtype) ->
 # --------------------------------------------------------------------------------------------- log-probs
 
 
-def response_logps(model: nn.Module, batch: dict[str, Tensor], layout: str | None = None) -> tuple[Tensor, Tensor]:
+def response_logps(
+    model: nn.Module, batch: dict[str, Tensor], layout: str | None = None
+) -> tuple[Tensor, Tensor]:
     """Summed log-probs (B, K) of each response and its token counts (B, K).
 
     ``layout`` is ``"shared_prompt"``, ``"padded"`` or None for :func:`layout_for`'s choice (logged

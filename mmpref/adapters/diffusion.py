@@ -1,4 +1,4 @@
-"""Diffusion adapter: implicit log-ratios ℓ of a UNet against a reference (DESIGN §1, §5).
+"""Diffusion adapter: implicit log-ratios ℓ of a UNet against a reference (docs/design.md §1, §2, §7).
 
 Pure functions, no training state. For a batch of B pairs of VAE latents (chosen ``w``, rejected ``l``):
 

@@ -1,4 +1,4 @@
-"""Datasets: local files in, validated rows and cached prompt embeddings out (DESIGN §7)."""
+"""Datasets: hub ids, files, folders or rows in memory in; validated rows and cached prompt embeddings out (docs/design.md §10)."""
 
 from mmpref.data.text import (
     PAIRED_COLUMNS,

@@ -1,4 +1,4 @@
-"""Image preference data (Pick-a-Pic format), the training transform and CLIP embeddings (DESIGN §5, §7).
+"""Image preference data (Pick-a-Pic format), the training transform and CLIP embeddings (docs/design.md §7, §10).
 
 Rows come from any source :func:`mmpref.data.text.open_rows` reads (a hub id such as
 ``yuvalkirstain/pickapic_v2``, a local file, folder, glob or ``save_to_disk`` folder, or rows in memory) and

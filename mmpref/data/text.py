@@ -1,4 +1,4 @@
-"""Text preference data from any source ``datasets`` reads: rows checked, prompts embedded (DESIGN §3, §7, §8).
+"""Text preference data from any source ``datasets`` reads: rows checked, prompts embedded (docs/design.md §6, §10, §11).
 
 Sources (:func:`open_rows`), all read by ``datasets`` itself (``load_dataset`` / ``load_from_disk``):
 
@@ -18,7 +18,7 @@ files, ``<datasets cache>/mmpref`` for hub and in-memory data. Files as other to
 byte-order mark, CRLF line ends, in CSV cells too) read as the same data as clean files. A JSON file that does not load is
 scanned line by line, only then, so the message names the line (1-based, as editors number them).
 
-Formats (TRL's, DESIGN §7), each standard (strings) or conversational (lists of ``{"role", "content"}``):
+Formats (TRL's, docs/design.md §10), each standard (strings) or conversational (lists of ``{"role", "content"}``):
 
 * paired, explicit prompt: ``prompt``, ``chosen``, ``rejected`` (+ optional ``score_chosen``, ``score_rejected``);
   in conversational rows ``chosen`` / ``rejected`` hold only the assistant turn(s);
@@ -947,7 +947,7 @@ def prompt_embeddings(
 ) -> torch.Tensor:
     """L2-normalised float32 (N, D) sentence embeddings of ``prompts``, computed once per dataset.
 
-    RPO weights contrasts by prompt similarity (DESIGN §3); the embeddings never change during
+    RPO weights contrasts by prompt similarity (docs/design.md §6); the embeddings never change during
     training, so they are computed once, deduplicated (many rows share a prompt) and cached in
     ``cache_dir`` under a hash of the model identity and the prompt texts. A cache hit does not
     load the model. ``model=None`` is the packaged all-MiniLM-L6-v2; otherwise a hub id or a local folder.

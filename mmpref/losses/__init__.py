@@ -1,4 +1,4 @@
-"""The modality-free loss core: it only ever sees per-sample implicit log-ratios ℓ (DESIGN §1)."""
+"""The modality-free loss core: it only ever sees per-sample implicit log-ratios ℓ (docs/design.md §1)."""
 
 from mmpref.losses._common import PreferenceLossOutput, tie_accuracy
 from mmpref.losses.dpo import dpo_loss

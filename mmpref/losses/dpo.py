@@ -30,7 +30,7 @@ def dpo_loss(
 ) -> PreferenceLossOutput:
     """Pairwise preference loss on implicit log-ratios ℓ = log πθ(y|x) − log πref(y|x).
 
-    With z = β·(ℓ_w − ℓ_l), per pair (DESIGN §2, §4):
+    With z = β·(ℓ_w − ℓ_l), per pair (docs/design.md §5, §8):
 
     ========  ====================================================  ==========================
     sigmoid   −log σ(z)                                             Rafailov et al. 2023

@@ -5,7 +5,7 @@ already length-normalised where the loss asks for it) and returns the loss for e
 with the same shape as ``h``. ``h`` may be a vector (DPO: one entry per pair) or a matrix
 (RPO: one entry per chosen × rejected contrast), which is why the core is written this way.
 
-The formulas are those of DESIGN §2 and §4; ``z = β·h`` throughout.
+The formulas are those of docs/design.md §5 and §8; ``z = β·h`` throughout.
 """
 
 from __future__ import annotations

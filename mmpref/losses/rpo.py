@@ -49,7 +49,7 @@ def rpo_loss(
 ) -> PreferenceLossOutput:
     """Contrast every chosen sample i with every rejected sample j, weighted by prompt similarity.
 
-    DESIGN §3. With L_ij = ℓ_w,i − ℓ_l,j (B × B'):
+    docs/design.md §6. With L_ij = ℓ_w,i − ℓ_l,j (B × B'):
 
     - ``paired`` / ``unpaired``: w_ij = softmax_j(−(1 − cos(e_i, e_j))/τ) and
       loss = mean_i mean_j f(w_ij · L_ij), the weight multiplying the logit inside the loss.

@@ -1,4 +1,4 @@
-"""Evaluation metrics: style alignment of generated images (DESIGN §6).
+"""Evaluation metrics: style alignment of generated images (docs/design.md §9).
 
 Pure functions over embeddings live in :mod:`mmpref.metrics.style`; :mod:`mmpref.metrics.clip_embedder`
 turns image files and texts into embeddings (open_clip, cached); :mod:`mmpref.metrics.report` scores folders

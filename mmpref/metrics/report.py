@@ -214,7 +214,7 @@ def evaluate_style(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> StyleEvaluation:
-    """Score generated images for style alignment (DESIGN §6).
+    """Score generated images for style alignment (docs/design.md §9).
 
     ``generated`` / ``style_refs`` are folders (see :func:`~mmpref.metrics.clip_embedder.list_images`) or
     lists of image files. Always computes the style score; with ``style_names`` and ``target_index`` also

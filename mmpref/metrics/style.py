@@ -1,4 +1,4 @@
-"""Style-alignment metrics over embeddings (DESIGN §6): pure functions, no model in sight.
+"""Style-alignment metrics over embeddings (docs/design.md §9): pure functions, no model in sight.
 
 Every function takes CLIP-like embeddings as ``(n, d)`` tensors of any scale (each row is L2-normalised
 inside), computes one value per generated image, and returns a :class:`MetricResult`: the mean of the

@@ -1,4 +1,4 @@
-"""Configs of ``mmpref synth``, ``mmpref score`` and ``mmpref eval-reward`` (DESIGN §4).
+"""Configs of ``mmpref synth``, ``mmpref score`` and ``mmpref eval-reward`` (docs/design.md §8).
 
 Same style as :mod:`mmpref.training.config`: every key is a dataclass field, YAML files plus
 ``dotted.key=value`` overrides, and :class:`ConfigError` naming the key for anything wrong.

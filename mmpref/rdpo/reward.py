@@ -1,6 +1,6 @@
 """Rewards for rDPO: an external reward model or a rule, ``mmpref score`` and ``mmpref eval-reward``.
 
-A reward maps (prompt, response) pairs to one float each. Two kinds (DESIGN §4):
+A reward maps (prompt, response) pairs to one float each. Two kinds (docs/design.md §8):
 
 * a local ``AutoModelForSequenceClassification`` folder with ``num_labels=1``: the input is the
   reward model's chat template over [user prompt, assistant response] when it has one, else

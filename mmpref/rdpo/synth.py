@@ -1,4 +1,4 @@
-"""``mmpref synth``: self-critique preference data from a teacher LM (rDPO, DESIGN §4).
+"""``mmpref synth``: self-critique preference data from a teacher LM (rDPO, docs/design.md §8).
 
 For each prompt the teacher, in one conversation (as in the rDPO authors' notebooks):
 

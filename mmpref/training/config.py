@@ -256,6 +256,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if name != "none" and name not in trackers:
             raise ConfigError(f"report_to: {name!r} is not a tracker Accelerate knows; one or more of "
                               f"{', '.join(trackers)}, or none")  # fmt: skip
+    if cfg.rpo.global_batch and cfg.loss.type != "rpo":  # the loop scales the loss for RPO's gathered matrix only
+        raise ConfigError("rpo.global_batch: only for loss.type=rpo (its contrast matrix spans the processes)")
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise ConfigError("hub_model_id: push_to_hub needs the repository to upload to (ORG/NAME)")
     if not 0 <= cfg.rpo.diagonal_weight <= 1:

@@ -2,7 +2,7 @@
 
 :class:`DiffusionTask` has the interface of :class:`~mmpref.training.text_task.TextTask`: it owns the UNet,
 the frozen VAE / text encoder(s) / reference, and the image data, and turns a batch into
-:class:`~mmpref.training.objective.Rows` of ℓ (DESIGN §1, §5; formulas in :mod:`mmpref.adapters.diffusion`).
+:class:`~mmpref.training.objective.Rows` of ℓ (docs/design.md §1, §7; formulas in :mod:`mmpref.adapters.diffusion`).
 
 Choices, all documented here because Diffusion-RPO has no public reference code:
 
@@ -433,7 +433,7 @@ class DiffusionTask:
         return metrics
 
     def _score_samples(self, images: list[Path], prefix: str) -> dict[str, float]:
-        """Style score, style accuracy and content score (DESIGN §6) of one set of samples."""
+        """Style score, style accuracy and content score (docs/design.md §9) of one set of samples."""
         from mmpref.metrics import ClipEmbedder, evaluate_style
 
         sc = self.cfg.samples
@@ -489,7 +489,7 @@ class DiffusionTask:
 
 
 def _error_metrics(model_err: Tensor, ref_err: Tensor) -> dict[str, Tensor]:
-    """The raw squared errors, as the Diffusion-DPO code logs them (DESIGN §2)."""
+    """The raw squared errors, as the Diffusion-DPO code logs them (docs/design.md §7)."""
     m, r = model_err.detach(), ref_err.detach()
     return {
         "diffusion/model_mse": m.mean(),

@@ -145,7 +145,7 @@ class _Split:
 
 
 class TextTask:
-    """Causal-LM preference training (DESIGN §1): ℓ from summed response log-probs."""
+    """Causal-LM preference training (docs/design.md §1, §3): ℓ from summed response log-probs."""
 
     def __init__(self, cfg: TrainConfig, accelerator, source: ModelSource | None = None,
                  model: nn.Module | None = None, tokenizer=None, train_dataset=None, eval_dataset=None):  # fmt: skip

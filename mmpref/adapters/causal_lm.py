@@ -1,10 +1,11 @@
 """Causal-LM adapter: a batch of (prompt, responses) rows → summed response log-probs.
 
-DESIGN §1: ℓ = log πθ(y∣x) − log πref(y∣x), summed over response tokens only.
+docs/design.md §1: ℓ = log πθ(y∣x) − log πref(y∣x), summed over response tokens only.
 
-Shared-prompt layout (why it is fast, DESIGN §10). TRL runs [prompt+chosen; prompt+rejected] as
-two padded rows, so every prompt goes through the model twice and the LM head projects every
-position onto the vocabulary. Here one row holds ``prompt | response_1 | ... | response_K`` once:
+Shared-prompt layout (docs/design.md §2, measured as §15 says). TRL runs [prompt+chosen;
+prompt+rejected] as two padded rows, so every prompt goes through the model twice and the LM head
+projects every position onto the vocabulary. Here one row holds ``prompt | response_1 | ... |
+response_K`` once:
 
 - each response sees the prompt and itself, never another response;
 - position ids restart each response right after the prompt, so every response is computed
@@ -327,8 +328,8 @@ def shared_prompt_masks(config, batch: dict[str, Tensor], dtype: torch.dtype) ->
     The layer's pattern (``causal_mask_function``, ``sliding_window_causal_mask_function``) runs on
     position ids, so a window is measured as in the response's own ``[prompt + response]``
     sequence. Within the keys the shared-prompt function allows, position order is packed order,
-    so causality is unchanged. A single layer type gives a single tensor (every model accepts
-    one), several give the per-type mapping.
+    so causality is unchanged. A single layer type gives a single tensor (a model given a 4-D mask
+    uses it in every layer), several give the per-type mapping, as ``generate`` passes it.
     """
     segment, position_ids = batch["segment"], batch["position_ids"]
     b, length = segment.shape
@@ -361,26 +362,27 @@ def response_logps(
     ``layout`` is ``"shared_prompt"``, ``"padded"`` or None for :func:`layout_for`'s choice (logged
     once per model class and setting, at info level).
     """
-    chosen = layout_for(model)
+    pretrained, chosen = _transformers_model(model), layout_for(model)
     if layout is None:
-        _log_layout(type(_transformers_model(model) or model).__name__, chosen)
+        layout = chosen.name
+        _log_layout(type(pretrained or model).__name__, chosen)
+    if layout not in (SHARED_PROMPT, PADDED):
+        raise ValueError(f"layout: must be {SHARED_PROMPT!r}, {PADDED!r} or None, got {layout!r}")
     if layout == SHARED_PROMPT and chosen.name != SHARED_PROMPT:
         raise ValueError(f"the shared-prompt layout cannot run this model: {chosen.reason}")
-    if (layout or chosen.name) == SHARED_PROMPT:
-        pretrained = _transformers_model(model)
+    if layout == SHARED_PROMPT:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        masks = shared_prompt_masks(pretrained.config.get_text_config(), batch, dtype)
         inputs = {
             "input_ids": batch["input_ids"],
             "position_ids": batch["position_ids"],
-            "attention_mask": shared_prompt_masks(pretrained.config.get_text_config(), batch, dtype),
+            "attention_mask": masks,
         }
         keep, rows = batch["keep"], batch["target_rows"]
-    elif layout in (None, PADDED):
+    else:
         padded = padded_layout(batch)
         inputs = {name: padded[name] for name in ("input_ids", "position_ids", "attention_mask")}
         keep, rows = padded["keep"], padded["target_rows"]
-    else:
-        raise ValueError(f"layout: must be {SHARED_PROMPT!r}, {PADDED!r} or None, got {layout!r}")
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     logits = logits.reshape(-1, logits.shape[-1]).float()  # (kept positions, vocab)
     token_logits = logits[rows, batch["targets"]]

@@ -101,6 +101,20 @@ def build_memory_model_folder(folder: Path, shapes: MemoryShapes, seed: int) -> 
     model.save_pretrained(folder)
 
 
+def batch_layout(rows: list[dict[str, str]], b: int) -> dict[str, int]:
+    """Largest batch: answer tokens (the rows of mmpref's LM head) and padded positions (TRL's).
+
+    The tokenizer is word-level, so a row's token counts are its word counts (the EOS word included)."""
+    answers, padded = [], []
+    for i in range(len(rows) // b):
+        batch = [
+            [len(r[k].split()) for k in ("prompt", "chosen", "rejected")] for r in rows[i * b : (i + 1) * b]
+        ]
+        answers.append(sum(c + r for _, c, r in batch))
+        padded.append(2 * b * max(p + max(c, r) for p, c, r in batch))
+    return {"max_answer_tokens_per_batch": max(answers), "max_padded_positions_per_batch": max(padded)}
+
+
 def check_model_folder(folder: Path, shapes: MemoryShapes) -> dict:
     """Load the folder as both sides do (AutoModelForCausalLM, fp32) and check vocabulary and tying."""
     import torch
@@ -110,7 +124,9 @@ def check_model_folder(folder: Path, shapes: MemoryShapes) -> dict:
     head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     tied = head.data_ptr() == embed.data_ptr()
     if tied != shapes.tied or head.shape[0] != shapes.vocab:
-        raise AssertionError(f"model folder: tied={tied}, vocab={head.shape[0]}; wanted {shapes.tied}, {shapes.vocab}")
+        raise AssertionError(
+            f"model folder: tied={tied}, vocab={head.shape[0]}; wanted {shapes.tied}, {shapes.vocab}"
+        )
     info = {"parameters": sum(p.numel() for p in model.parameters()), "tied": tied,
             "tokenizer_size": len(AutoTokenizer.from_pretrained(folder))}  # fmt: skip
     del model
@@ -146,7 +162,9 @@ def reset_peak_rss() -> bool:
 
 
 def rows_digest(tokenized) -> str:
-    return hashlib.sha256(json.dumps([[list(p), [list(r) for r in rs]] for p, rs in tokenized]).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps([[list(p), [list(r) for r in rs]] for p, rs in tokenized]).encode()
+    ).hexdigest()[:16]
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -265,16 +283,27 @@ def ratios_of(results: dict[str, dict], key: str) -> dict[str, float]:
 def report(name: str, shapes: MemoryShapes, info: dict, results: dict[str, dict], device: str) -> dict:
     print()
     print(f"== {name}: {asdict(shapes)} (intermediate {shapes.intermediate}); model: {info}")
-    cols = [("peak", "peak_rss_gib"), ("steps peak", "steps_peak_rss_gib"), ("before", "rss_before_steps_gib")]
+    cols = [
+        ("peak", "peak_rss_gib"),
+        ("steps peak", "steps_peak_rss_gib"),
+        ("before", "rss_before_steps_gib"),
+        ("start", "rss_at_start_gib"),
+    ]
     if device == "cuda":
         cols += [("cuda peak", "cuda_peak_gib"), ("cuda steps", "cuda_steps_peak_gib")]
-    head = f"{'contender':<11} " + " ".join(f"{c:>10}" for c, _ in cols) + f" {'steps':>5} {'steps s':>8} {'setup s':>8} {'process s':>9}"
+    head = (
+        f"{'contender':<11} "
+        + " ".join(f"{c:>10}" for c, _ in cols)
+        + f" {'steps':>5} {'steps s':>8} {'setup s':>8} {'process s':>9}"
+    )
     print(head + "   (GiB: host RSS high-water mark" + (", CUDA allocated" if device == "cuda" else "") + ")")
     print("-" * len(head))
     for contender, r in results.items():
         print(f"{contender:<11} " + " ".join(f"{r[k]:10.2f}" for _, k in cols)
               + f" {r['steps']:5d} {r['steps_seconds']:8.1f} {r['setup_seconds']:8.1f} {r['process_seconds']:9.1f}")  # fmt: skip
-    ratios = {k: ratios_of(results, k) for _, k in cols if k != "rss_before_steps_gib"}
+    ratios = {
+        k: ratios_of(results, k) for _, k in cols if k not in ("rss_before_steps_gib", "rss_at_start_gib")
+    }
     for key, rs in ratios.items():
         for label, v in rs.items():
             print(f"ratio {label:<22} {key:<20} {v:6.3f}")
@@ -324,7 +353,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             work.mkdir()
             build_memory_model_folder(work / "model", shapes, args.seed)
             info = check_model_folder(work / "model", shapes)
-            write_jsonl(make_rows(args.steps * shapes.batch_size, shapes, args.seed), work / "train.jsonl")
+            rows = make_rows(args.steps * shapes.batch_size, shapes, args.seed)
+            write_jsonl(rows, work / "train.jsonl")
+            info.update(batch_layout(rows, shapes.batch_size))
             results: dict[str, dict] = {}
             for contender in args.contenders:
                 print(f"{name}: {contender} (fresh process) ...", flush=True)
@@ -336,7 +367,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             out["shape_sets"][name] = report(name, shapes, info, results, args.device)
     env = environment(load_start)
     env["device"] = args.device
-    env["torch_threads"] = next(iter(next(iter(out["shape_sets"].values()))["results"].values()))["torch_threads"]
+    threads = {r["torch_threads"] for s in out["shape_sets"].values() for r in s["results"].values()}
+    env["torch_threads"] = threads.pop() if len(threads) == 1 else sorted(threads)
     out["environment"] = env
     print("\nenvironment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     if args.json:

@@ -71,3 +71,52 @@ def test_no_tokens_by_vocabulary_tensor_is_kept_for_backward():
 
     assert largest_saved(0) >= N * VOCAB  # the whole logits (or their softmax) are kept
     assert largest_saved(8) < 8 * VOCAB  # checkpointed chunks keep only their inputs, no logits
+
+
+def _batch(tokenizer):
+    from mmpref.adapters.causal_lm import collate, tokenize_row
+
+    rows = [("How long should bread dough rise before baking?", "About an hour.", "Forever, my friend."),
+            ("Name a planet.", "Mars is a planet.", "Bread.")]  # fmt: skip
+    tokenized = [tokenize_row(tokenizer, i, p, [c, r], max_length=64, max_prompt_length=32)
+                 for i, (p, c, r) in enumerate(rows)]  # fmt: skip
+    return collate(tokenized, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_response_logps_chunked_equal_the_models_own_logits(tmp_path, tied, lora):
+    """Through the whole adapter: the chunked head gives today's log-probs and gradients (policy and reference)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from mmpref.adapters.causal_lm import response_logps
+    from mmpref.testing import make_tiny_lm
+
+    folder = make_tiny_lm(tmp_path / "lm")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = LlamaConfig.from_pretrained(folder)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))  # fmt: skip
+    batch = _batch(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(chunk):
+        logps, counts = response_logps(model, batch, chunk_size=chunk)
+        grads = torch.autograd.grad(logps.sum() - 0.3 * logps[:, 1].sum(), params)
+        return logps, counts, grads
+
+    whole, counts, grads_whole = run(0)
+    for chunk in (3, 1024):
+        got, got_counts, grads = run(chunk)
+        assert torch.equal(got_counts, counts)
+        torch.testing.assert_close(got, whole)
+        for g, e in zip(grads, grads_whole):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the reference pass
+        torch.testing.assert_close(response_logps(model, batch, chunk_size=3)[0], whole.detach())

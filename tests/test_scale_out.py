@@ -141,7 +141,10 @@ def test_save_writes_the_gathered_state_dict_when_given(tmp_path):
     sd15 = make_tiny_sd15(tmp_path / "sd15", seed=0)
     unet = UNet2DConditionModel.from_pretrained(sd15, subfolder="unet")
     gathered = {k: v + 1.0 for k, v in unet.state_dict().items()}
-    diffusion_self = SimpleNamespace(cfg=SimpleNamespace(lora=None, model=str(sd15)), is_sdxl=False)
+    from mmpref.hub import resolve_model
+
+    diffusion_self = SimpleNamespace(cfg=SimpleNamespace(lora=None, model=str(sd15)), is_sdxl=False,
+                                     source=resolve_model("model", str(sd15), markers=("model_index.json",)))  # fmt: skip
     DiffusionTask.save(diffusion_self, unet, tmp_path / "unet", state_dict=gathered)
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "unet" / "unet").state_dict()
     torch.testing.assert_close(saved["conv_in.weight"], gathered["conv_in.weight"])

@@ -80,9 +80,9 @@ def test_precompute_ref_never_calls_a_reference_during_training(tiny, tmp_path, 
     calls = []
     original = text_task_module.response_logps
 
-    def spy(model, batch):
+    def spy(model, batch, **kwargs):
         calls.append(torch.is_grad_enabled())
-        return original(model, batch)
+        return original(model, batch, **kwargs)
 
     monkeypatch.setattr(text_task_module, "response_logps", spy)
     train(cfg)  # cache hit: only policy forwards, all with grad

@@ -69,6 +69,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers import masking_utils as mu
 
+from mmpref.adapters.lm_head import DEFAULT_CHUNK_SIZE, install_chunked_head
+
 logger = logging.getLogger(__name__)
 
 SHARED_PROMPT, PADDED = "shared_prompt", "padded"
@@ -355,12 +357,14 @@ def shared_prompt_masks(config, batch: dict[str, Tensor], dtype: torch.dtype) ->
 
 
 def response_logps(
-    model: nn.Module, batch: dict[str, Tensor], layout: str | None = None
+    model: nn.Module, batch: dict[str, Tensor], layout: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs (B, K) of each response and its token counts (B, K).
 
     ``layout`` is ``"shared_prompt"``, ``"padded"`` or None for :func:`layout_for`'s choice (logged
-    once per model class and setting, at info level).
+    once per model class and setting, at info level). ``chunk_size`` > 0: the LM head runs on the final
+    hidden states ``chunk_size`` answer positions at a time and never holds the whole logits tensor
+    (:mod:`mmpref.adapters.lm_head`); 0: the model's own forward with ``logits_to_keep``, all at once.
     """
     pretrained, chosen = _transformers_model(model), layout_for(model)
     if layout is None:
@@ -383,9 +387,12 @@ def response_logps(
         padded = padded_layout(batch)
         inputs = {name: padded[name] for name in ("input_ids", "position_ids", "attention_mask")}
         keep, rows = padded["keep"], padded["target_rows"]
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1]).float()  # (kept positions, vocab)
-    token_logits = logits[rows, batch["targets"]]
-    token_logps = token_logits - torch.logsumexp(logits, dim=-1)[rows]
     target_mask = batch["target_mask"]
+    if chunk_size > 0 and pretrained is not None:
+        install_chunked_head(pretrained)
+        token_logps = model(**inputs, use_cache=False, token_logps_of=(keep, (rows, batch["targets"]), chunk_size))
+    else:
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1]).float()  # (kept positions, vocab)
+        token_logps = logits[rows, batch["targets"]] - torch.logsumexp(logits, dim=-1)[rows]
     return (token_logps * target_mask).sum(-1), target_mask.sum(-1)

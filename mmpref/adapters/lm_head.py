@@ -17,15 +17,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: 1024 × 151,936 float32 logits ≈ 0.6 GB, at any answer length
 
 
 def logits_transform(config) -> tuple[float | None, float | None]:
-    """``(softcap, scale)`` that the model's forward applies to the head's output (None: not used)."""
+    """``(softcap, scale)`` that the model's forward applies to the head's output (None: not used).
+
+    The scale is the first set of the names transformers' models use for it: ``logit_scale`` (Cohere),
+    ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1), ``1 / logits_scaling`` (Granite, MiniCPM3;
+    HyperCLOVA X multiplies by it); the softcap Gemma 2/3's ``final_logit_softcapping``.
+    """
     softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-    return softcap, scale
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if (scale := getattr(config, name, None)) is not None:
+            return softcap, scale
+    if (scaling := getattr(config, "logits_scaling", None)) is not None:
+        return softcap, scaling if getattr(config, "model_type", "") == "hyperclovax" else 1 / scaling
+    return softcap, None
 
 
 def _chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor, softcap, scale) -> Tensor:
@@ -53,3 +63,32 @@ def token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, *, chunk_size:
         else:  # the reference pass: no graph, each chunk's logits are freed before the next
             parts.append(_chunk_logps(head, h, t, softcap, scale))
     return torch.cat(parts)
+
+
+def install_chunked_head(model: PreTrainedModel) -> None:
+    """Give ``model`` (once) a forward that returns per-token log-probs instead of logits when called with
+    ``token_logps_of=(positions, targets, chunk_size)``: the backbone runs, then :func:`token_logps` on the
+    final hidden states of ``positions`` (a (B, T) boolean mask, flattened row-major) indexed by
+    ``targets[0]`` (rows into those positions) and ``targets[1]`` (token ids).
+
+    The forward of the instance itself is replaced, so calls through DDP, PEFT or compile wrappers reach it
+    (the wrappers' own forwards run as usual); without the argument it is the original forward, so
+    ``generate`` and everything else are unchanged.
+    """
+    if getattr(model, "_mmpref_chunked_head", False):
+        return
+    original = model.forward
+
+    def forward(*args, token_logps_of=None, **kwargs):
+        if token_logps_of is None:
+            return original(*args, **kwargs)
+        positions, (rows, targets), chunk_size = token_logps_of
+        kwargs.pop("logits_to_keep", None)
+        hidden = model.base_model(*args, **kwargs).last_hidden_state[positions]  # (kept positions, H)
+        picked = hidden[rows.reshape(-1)]
+        logps = token_logps(model.get_output_embeddings(), picked, targets.reshape(-1), chunk_size=chunk_size,
+                            config=model.config.get_text_config())  # fmt: skip
+        return logps.view(targets.shape)
+
+    model.forward = forward
+    model._mmpref_chunked_head = True

@@ -11,20 +11,23 @@ With ``ĝᵢ`` the normalised embedding of generated image ``i``:
 - content score     ``cᵢ = 100 · max(cos(ĝᵢ, p̂ᵢ), 0)`` against the image's own prompt ``pᵢ`` (CLIPScore);
 - win rate          ``wᵢ = 1[aᵢ > bᵢ] + ½ · 1[aᵢ = bᵢ]`` over paired per-prompt scores.
 
-The bootstrap resamples the generated images (or pairs) only; the references and prompts are held fixed, so
-the interval describes the uncertainty from the finite generated sample.
+:class:`MetricResult`, :func:`bootstrap_ci` and :func:`win_rate` live in :mod:`mmpref.metrics.stats` (the one
+copy every evaluation uses) and are re-exported here. The bootstrap resamples the generated images (or pairs)
+only; the references and prompts are held fixed, so the interval describes the uncertainty from the finite
+generated sample.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
+
+from mmpref.metrics.stats import DEFAULT_RESAMPLES, MetricResult, bootstrap_ci, mean_with_ci, win_rate
 
 __all__ = [
     "MetricResult",
     "bootstrap_ci",
+    "clip_score_per_image",
     "content_score",
     "style_accuracy",
     "style_centroid",
@@ -34,77 +37,7 @@ __all__ = [
     "win_rate",
 ]
 
-DEFAULT_RESAMPLES = 1000
-
-
-@dataclass(frozen=True)
-class MetricResult:
-    """A metric's point estimate with its bootstrap interval and the per-item values it averages."""
-
-    name: str
-    value: float
-    ci_low: float
-    ci_high: float
-    n: int
-    per_item: list[float] = field(repr=False)
-    confidence: float = 0.95
-
-    def to_dict(self, per_item: bool = False) -> dict:
-        out = {
-            "value": self.value,
-            "ci": [self.ci_low, self.ci_high],
-            "confidence": self.confidence,
-            "n": self.n,
-        }
-        if per_item:
-            out["per_item"] = list(self.per_item)
-        return out
-
-
-def bootstrap_ci(
-    values: torch.Tensor,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``mean(values)``.
-
-    Draws ``n_resamples`` samples of size ``n`` with replacement from ``values`` using a ``torch.Generator``
-    seeded with ``seed`` (the global RNG is untouched), and returns the ``(1 ± confidence) / 2`` quantiles
-    of the resampled means. ``n = 1`` (or ``n_resamples = 0``) gives the degenerate interval ``[v, v]``.
-    """
-    values = values.detach().double().flatten().cpu()
-    n = values.numel()
-    if n == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    mean = values.mean().item()
-    if n == 1 or n_resamples <= 0:
-        return mean, mean
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(n, (n_resamples, n), generator=gen)
-    means = values[idx].mean(dim=1)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=means.dtype)).tolist()
-    return low, high
-
-
-def _result(
-    name: str, per_item: torch.Tensor, n_resamples: int, confidence: float, seed: int
-) -> MetricResult:
-    per_item = per_item.detach().double().flatten().cpu()
-    low, high = bootstrap_ci(per_item, n_resamples=n_resamples, confidence=confidence, seed=seed)
-    return MetricResult(
-        name=name,
-        value=per_item.mean().item(),
-        ci_low=low,
-        ci_high=high,
-        n=per_item.numel(),
-        per_item=per_item.tolist(),
-        confidence=confidence,
-    )
-
+CLIPSCORE_WEIGHT = 100.0  # torchmetrics' CLIPScore; Hessel et al. (2021) use 2.5
 
 def _as_matrix(emb: torch.Tensor, what: str) -> torch.Tensor:
     emb = torch.as_tensor(emb).detach().float()
@@ -149,7 +82,7 @@ def style_score(
     references).
     """
     per_image = style_score_per_image(gen_image_emb, style_ref_emb)
-    return _result("style_score", per_image, n_resamples, confidence, seed)
+    return mean_with_ci("style_score", per_image, n_resamples, confidence, seed)
 
 
 def style_predictions(gen_image_emb: torch.Tensor, style_text_emb: torch.Tensor) -> torch.Tensor:
@@ -177,7 +110,20 @@ def style_accuracy(
     if not 0 <= target_index < k:
         raise ValueError(f"target_index {target_index} is out of range for {k} candidate styles")
     correct = (style_predictions(gen_image_emb, style_text_emb) == target_index).double()
-    return _result("style_accuracy", correct, n_resamples, confidence, seed)
+    return mean_with_ci("style_accuracy", correct, n_resamples, confidence, seed)
+
+
+def clip_score_per_image(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, weight: float = CLIPSCORE_WEIGHT
+) -> torch.Tensor:
+    """CLIPScore of each (image, text) row pair: ``w · max(cos(îᵢ, t̂ᵢ), 0)``, ``w = 100``, shape ``(n,)``.
+
+    Hessel et al. 2021 (``jmhessel/clipscore``, ``clipscore.py:get_clip_score``) define it with ``w = 2.5``
+    and ViT-B/32; ``w = 100`` is torchmetrics' ``CLIPScore`` (``functional/multimodal/clip_score.py``), the
+    convention of most diffusion papers' tables.
+    """
+    cos = (F.normalize(image_emb.float(), dim=-1) * F.normalize(text_emb.float(), dim=-1)).sum(dim=-1)
+    return weight * cos.clamp(min=0.0)
 
 
 def content_score(
@@ -200,29 +146,4 @@ def content_score(
         raise ValueError(
             f"{gen.shape[0]} images but {prompts.shape[0]} prompt embeddings: need one per image"
         )
-    cos = (F.normalize(gen, dim=-1) * F.normalize(prompts, dim=-1)).sum(dim=-1)
-    return _result("content_score", 100.0 * cos.clamp(min=0.0), n_resamples, confidence, seed)
-
-
-def win_rate(
-    a_scores: torch.Tensor,
-    b_scores: torch.Tensor,
-    tie_tolerance: float = 0.0,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> MetricResult:
-    """Win rate of A over B on paired per-prompt scores, ties counting one half.
-
-    ``W = (1/n) Σᵢ (1[aᵢ − bᵢ > τ] + ½ · 1[|aᵢ − bᵢ| ≤ τ])`` with ``τ = tie_tolerance``; the bootstrap
-    resamples pairs. ``W = 0.5`` means no preference.
-    """
-    a = torch.as_tensor(a_scores).detach().double().flatten()
-    b = torch.as_tensor(b_scores).detach().double().flatten()
-    if a.numel() != b.numel():
-        raise ValueError(f"win_rate needs paired scores, got {a.numel()} and {b.numel()}")
-    if a.numel() == 0:
-        raise ValueError("win_rate needs at least one pair")
-    diff = a - b
-    wins = (diff > tie_tolerance).double() + 0.5 * (diff.abs() <= tie_tolerance).double()
-    return _result("win_rate", wins, n_resamples, confidence, seed)
+    return mean_with_ci("content_score", clip_score_per_image(gen, prompts), n_resamples, confidence, seed)

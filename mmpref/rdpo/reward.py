@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from mmpref.data import DataError, load_rows, prompt_text, validate_rows
 from mmpref.data.text import bad_rows_error
 from mmpref.hub import split_revision
+from mmpref.metrics.stats import win_outcomes
+from mmpref.metrics.stats import win_rate as stats_win_rate
 from mmpref.rdpo.config import RULE_PREFIX, EvalRewardConfig, RuleConfig, ScoreConfig
 from mmpref.rdpo.generation import (
     TORCH_DTYPES,
@@ -333,17 +335,6 @@ def _render(gen: Generator, prompt: str | Messages, prompt_format: str) -> str:
     return gen.render_chat([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
 
 
-def bootstrap_ci(
-    per_prompt: np.ndarray, *, samples: int, confidence: float, seed: int
-) -> tuple[float, float]:
-    """Percentile bootstrap over prompts of the mean of ``per_prompt`` (each prompt's mean outcome)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(per_prompt), size=(samples, len(per_prompt)))
-    means = per_prompt[idx].mean(axis=1)
-    tail = (1 - confidence) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
-
-
 @dataclass
 class WinRate:
     prompts: int
@@ -383,12 +374,14 @@ def win_rate(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> WinRate:
-    """Rewards are (prompts, samples) arrays; sample k of both sides shares a seed and a prompt."""
-    outcome = np.where(
-        policy_rewards > reference_rewards, 1.0, np.where(policy_rewards == reference_rewards, 0.5, 0.0)
-    )
-    low, high = bootstrap_ci(
-        outcome.mean(axis=1), samples=bootstrap_samples, confidence=confidence, seed=seed
+    """Rewards are (prompts, samples) arrays; sample k of both sides shares a seed and a prompt.
+
+    Outcomes and interval are :func:`mmpref.metrics.stats.win_rate`'s: 1 / ½ / 0 per pair, the bootstrap
+    resampling prompts (each prompt's mean outcome over its samples).
+    """
+    outcome = win_outcomes(torch.as_tensor(policy_rewards), torch.as_tensor(reference_rewards)).numpy()
+    result = stats_win_rate(
+        policy_rewards, reference_rewards, n_resamples=bootstrap_samples, confidence=confidence, seed=seed
     )
     return WinRate(
         prompts=outcome.shape[0],
@@ -396,9 +389,9 @@ def win_rate(
         wins=int((outcome == 1).sum()),
         ties=int((outcome == 0.5).sum()),
         losses=int((outcome == 0).sum()),
-        win_rate=float(outcome.mean()),
-        ci_low=low,
-        ci_high=high,
+        win_rate=result.value,
+        ci_low=result.ci_low,
+        ci_high=result.ci_high,
         confidence=confidence,
         mean_reward_policy=float(policy_rewards.mean()),
         mean_reward_reference=float(reference_rewards.mean()),

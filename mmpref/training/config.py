@@ -83,6 +83,10 @@ class SampleConfig:
     style_target: str | None = None  # which of style_names is the trained style
     clip_model: str | None = None  # scoring CLIP (hub id, local-dir: or open_clip name); default: rpo.clip_model
     clip_weights: str | None = None  # local checkpoint file for clip_model; default: rpo.clip_weights
+    # image preference scorers of mmpref.metrics.scorers (pickscore, hpsv2, hpsv21, imagereward, aesthetic,
+    # clipscore): samples/<name>, samples/reference_<name> and samples/<name>_win_rate at every evaluation
+    scorers: list[str] = field(default_factory=list)
+    scorer_models: dict = field(default_factory=dict)  # scorer -> hub id, folder or checkpoint; default: the authors'
 
 
 @dataclass
@@ -124,6 +128,9 @@ class TrainConfig:
     max_length: int = 512
     max_prompt_length: int = 256
     truncation_mode: str = "keep_end"  # keep_end | keep_start, for the prompt
+    # LM head over this many answer positions at a time, recomputed in backward: the [tokens, vocabulary]
+    # logits never exist whole (≈ 0.6 GB a chunk at a 151,936 vocabulary); 0: all at once
+    lm_head_chunk_size: int = 1024
     on_bad_rows: str = "error"  # error | skip
     seed: int = 0
     log_every: int = 10
@@ -158,7 +165,7 @@ POSITIVE = ("loss.beta", "rpo.temperature", "batch_size", "eval_batch_size",
             "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution",
             "diffusion.eval_noise_draws", "samples.num_inference_steps", "log_every")  # fmt: skip
 NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "loss.sft_weight", "eval_every", "save_every",
-                "loss.gamma", "max_skipped_steps")  # fmt: skip
+                "loss.gamma", "max_skipped_steps", "lm_head_chunk_size")  # fmt: skip
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -242,6 +249,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "(an open_clip name with samples.clip_weights, or local-dir:FOLDER)")  # fmt: skip
     if sc.style_names and sc.style_target not in sc.style_names:
         raise ConfigError(f"samples.style_target: must be one of samples.style_names, got {sc.style_target!r}")
+    from mmpref.metrics.scorers import SCORERS
+
+    for name in sc.scorers:
+        if name not in SCORERS:
+            raise ConfigError(f"samples.scorers: unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+    for name in sc.scorer_models:
+        if name not in sc.scorers:
+            raise ConfigError(f"samples.scorer_models: {name!r} is not one of samples.scorers ({sc.scorers})")
+    for name, model in sc.scorer_models.items():
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"samples.scorer_models.{name}: expected a hub id, folder or checkpoint file, "
+                              f"got {model!r}")  # fmt: skip
     if isinstance(cfg.eval_split, float) and not 0 <= cfg.eval_split < 1:
         raise ConfigError(f"eval_split: must be a split name or a share in [0, 1), got {cfg.eval_split!r}")
     if cfg.max_steps is not None and cfg.num_epochs is not None:

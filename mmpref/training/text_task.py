@@ -269,7 +269,7 @@ class TextTask:
                 batch = split.collate(idx, self.tokenizer.pad_token_id)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 with acc.autocast():  # as the policy's forward in the loop
-                    logps = response_logps(model, batch)[0]
+                    logps = response_logps(model, batch, chunk_size=self.cfg.lm_head_chunk_size)[0]
                 results.extend(zip(idx, logps.float().cpu().tolist()))
                 bar.update(len(idx))
         ref = torch.zeros(len(split), len(split.rows[0].responses))
@@ -290,11 +290,11 @@ class TextTask:
             return batch["ref_logps"]
         with torch.no_grad():
             if self.reference is not None:
-                return response_logps(self.reference, batch)[0]
+                return response_logps(self.reference, batch, chunk_size=self.cfg.lm_head_chunk_size)[0]
             with self.accelerator.unwrap_model(
                 model
             ).disable_adapter():  # LoRA: the base model is the reference
-                return response_logps(model, batch)[0]
+                return response_logps(model, batch, chunk_size=self.cfg.lm_head_chunk_size)[0]
 
     # -- what the loop calls --------------------------------------------------------------
     def collate_train(self, indices: list[int]) -> dict[str, Tensor]:
@@ -304,7 +304,7 @@ class TextTask:
         return self.eval.collate(indices, self.tokenizer.pad_token_id)
 
     def rows(self, model: nn.Module, batch: dict[str, Tensor]) -> Rows:
-        logps, counts = response_logps(model, batch)
+        logps, counts = response_logps(model, batch, chunk_size=self.cfg.lm_head_chunk_size)
         ref = self._reference_logps(model, batch)
         return Rows(
             logratios=logps if ref is None else logps - ref,

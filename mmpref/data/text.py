@@ -907,6 +907,14 @@ def config_sources(
     return (train, options), (source, eval_options)
 
 
+def held_out_split(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, eval)`` row indices of ``n`` rows with ``share`` (at least one row) held out, drawn by ``seed``;
+    the training rows keep their order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, int(n * share))
+    return sorted(order[n_eval:]), order[:n_eval]
+
+
 # -------------------------------------------------------------------------------- prompt embeddings
 
 

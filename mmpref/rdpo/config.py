@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmpref.training.config import DTYPES as TORCH_DTYPES
 from mmpref.training.config import ConfigError, _build, apply_overrides, read_yaml
 
 SECTIONS = ("synth", "score", "eval")
 PROMPT_FORMATS = ("chat", "text")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(TORCH_DTYPES)
 RULE_PREFIX = "rule:"
 
 DEFAULT_CRITIQUE = (

@@ -14,11 +14,11 @@ import torch
 from mmpref.data import DataError, load_rows
 from mmpref.hub import split_revision
 from mmpref.rdpo.config import GenerationConfig
-from mmpref.training.config import custom_code_guard
+from mmpref.training.config import DTYPES, custom_code_guard
 
 T = TypeVar("T")
 Messages = list[dict[str, str]]
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = DTYPES  # the one name -> dtype map of the configs
 
 
 @dataclass(frozen=True)

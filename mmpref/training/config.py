@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mmpref.errors import ConfigError as ConfigError  # re-exported: configs raise it
@@ -146,6 +147,8 @@ class TrainConfig:
     hub_private: bool = False
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # torch_dtype names
+
 CHOICES = {
     "loss.type": (*LOSS_TYPES, "rpo"),
     "rpo.mode": RPO_MODES,
@@ -155,7 +158,7 @@ CHOICES = {
     "rpo.embedding": ("text", "image", "image+text"),
     "diffusion.attention": ("sdpa", "xformers"),
     "mixed_precision": (None, "no", "fp16", "bf16"),
-    "torch_dtype": ("float32", "bfloat16", "float16"),
+    "torch_dtype": tuple(DTYPES),
     "truncation_mode": ("keep_end", "keep_start"),
     "on_bad_rows": ("error", "skip"),
     "nonfinite": ("stop", "skip"),

@@ -69,10 +69,10 @@ from mmpref.adapters.diffusion import (
 )
 from mmpref.data.images import ImagePair, clip_embeddings, pair_pixels, prepare_image_dataset
 from mmpref.data.latent_cache import LatentCache
-from mmpref.data.text import config_sources
+from mmpref.data.text import config_sources, held_out_split
 from mmpref.hub import ModelSource, folder_fingerprint
 from mmpref.losses import tie_accuracy
-from mmpref.training.config import ConfigError, TrainConfig, model_source, score_checks
+from mmpref.training.config import DTYPES, ConfigError, TrainConfig, model_source, score_checks
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
 from mmpref.training.sampling import (
@@ -85,7 +85,6 @@ from mmpref.training.sampling import (
 )
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIXED = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoraConfig's default, meant for LMs
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -170,12 +169,9 @@ class DiffusionTask:
             evald = prepare_image_dataset(eval_data, **options, **load)
             eval_pairs, eval_cache = evald.pairs, evald.cache_dir
         elif cfg.eval_split:
-            order = torch.randperm(
-                len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed)
-            ).tolist()
-            n_eval = max(1, int(len(train_pairs) * cfg.eval_split))
-            eval_pairs = [train_pairs[i] for i in order[:n_eval]]
-            train_pairs = [train_pairs[i] for i in sorted(order[n_eval:])]
+            train_order, eval_order = held_out_split(len(train_pairs), cfg.eval_split, cfg.seed)
+            eval_pairs = [train_pairs[i] for i in eval_order]
+            train_pairs = [train_pairs[i] for i in train_order]
         self.train = _ImageSplit(self, train_pairs, train.cache_dir, "train")
         self.eval = _ImageSplit(self, eval_pairs, eval_cache, "eval") if eval_pairs else None
         for split in (self.train, self.eval):

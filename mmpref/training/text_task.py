@@ -19,10 +19,11 @@ from torch import Tensor, nn
 
 from mmpref.adapters.causal_lm import TokenizedRow, collate, response_logps, tokenize_row
 from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
-from mmpref.data.text import config_sources, iter_rows
+from mmpref.data.text import config_sources, held_out_split, iter_rows
 from mmpref.hub import ModelSource
 from mmpref.progress import progress
 from mmpref.training.config import (
+    DTYPES,
     ConfigError,
     TrainConfig,
     base_loss,
@@ -34,7 +35,6 @@ from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PackedRows(Sequence[TokenizedRow]):
@@ -181,11 +181,7 @@ class TextTask:
         else:
             evald = train
             if cfg.eval_split:
-                order = torch.randperm(
-                    len(train_rows), generator=torch.Generator().manual_seed(cfg.seed)
-                ).tolist()
-                n_eval = max(1, int(len(train_rows) * cfg.eval_split))
-                eval_order, train_order = order[:n_eval], sorted(order[n_eval:])
+                train_order, eval_order = held_out_split(len(train_rows), cfg.eval_split, cfg.seed)
                 eval_rows = train_rows.select(eval_order, keep_in_memory=True)
                 eval_numbers = array("q", (train_numbers[i] for i in eval_order))
                 train_rows = train_rows.select(train_order, keep_in_memory=True)

@@ -52,6 +52,15 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _commands(sub: argparse._SubParsersAction):
+    """Every command parser, nested ones (``eval images``) included."""
+    for command in sub.choices.values():
+        yield command
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from _commands(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpref", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
@@ -84,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mmpref.rdpo.cli import add_rdpo_commands
 
     add_rdpo_commands(sub)
-    for command in sub.choices.values():  # --quiet after the command too, listed in each `mmpref CMD --help`
+    from mmpref.metrics.evaluate import add_eval_commands
+
+    add_eval_commands(sub)  # mmpref eval images | text
+    for command in _commands(sub):  # --quiet after the command too, listed in each `mmpref CMD --help`
         command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
 

@@ -66,17 +66,18 @@ class ModelSource:
         return _hub_file(self, filename)
 
 
-def folder_fingerprint(*folders: Path | str | None) -> str:
-    """Cheap identity of local folders: names, sizes and mtimes of their files (retraining in place changes it)."""
+def folder_fingerprint(*paths: Path | str | None) -> str:
+    """Cheap identity of local folders or files, for every cache key: names, sizes and mtimes of their files
+    (retraining in place changes it). Missing paths and None count as nothing."""
     h = hashlib.sha256()
-    for folder in folders:
-        if folder is None or not Path(folder).is_dir():
+    for path in paths:
+        if path is None or not Path(path).exists():
             continue
-        folder = Path(folder)
-        for f in sorted(folder.rglob("*")):
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{folder.name}/{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{path.name}/{f.relative_to(path) if f != path else ''}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 

@@ -56,7 +56,7 @@ from mmpref.data.text import (
     score_problem,
 )
 from mmpref.errors import ConfigError
-from mmpref.hub import open_clip_name
+from mmpref.hub import folder_fingerprint, open_clip_name
 
 logger = logging.getLogger(__name__)
 
@@ -375,15 +375,11 @@ def load_open_clip(model: str, weights: str | None = None, device: str | torch.d
 
 
 def _identity(path: str | None) -> Any:
+    """A CLIP model name or weights file for cache keys: local paths by their files, names as they are."""
     if path is None:
         return None
     p = Path(path.removeprefix("local-dir:"))
-    if p.is_dir():
-        return [str(p.resolve()), sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-                                         for f in p.rglob("*") if f.is_file())]  # fmt: skip
-    if p.is_file():
-        return [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
-    return path
+    return [str(p.resolve()), folder_fingerprint(p)] if p.exists() else path
 
 
 def clip_embeddings(

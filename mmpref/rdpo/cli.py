@@ -30,14 +30,10 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _eval_reward(args: argparse.Namespace) -> int:
-    from mmpref.rdpo.config import load_rdpo_config
-    from mmpref.rdpo.reward import run_eval_reward
+    """``mmpref eval-reward``: an alias of ``mmpref eval text`` (same config, same report)."""
+    from mmpref.metrics.evaluate import eval_text_command
 
-    cfg = load_rdpo_config("eval", args.config, args.overrides)
-    result = run_eval_reward(cfg)
-    print(result.table(cfg))
-    print(f"written to {cfg.output}")
-    return 0
+    return eval_text_command(args)
 
 
 def _add(subparsers, name: str, help: str, func) -> None:
@@ -51,4 +47,5 @@ def add_rdpo_commands(subparsers) -> None:
     """Register ``synth``, ``score`` and ``eval-reward`` on the ``mmpref`` sub-command parser."""
     _add(subparsers, "synth", "self-critique preference data from a teacher LM (rDPO)", _synth)
     _add(subparsers, "score", "add score_chosen / score_rejected from a reward model or rule:NAME", _score)
-    _add(subparsers, "eval-reward", "reward-judged win rate of a student against its reference", _eval_reward)
+    _add(subparsers, "eval-reward", "alias of `mmpref eval text`: reward-judged win rate against the reference",
+         _eval_reward)

@@ -92,11 +92,14 @@ class EvalRewardConfig:
     prompts: list[str] = field(default_factory=list)  # held-out prompts
     prompts_file: str | None = None
     reward: str = ""  # as in score
+    rewards: list[str] = field(default_factory=list)  # more judges beside `reward` (reward models or rule:NAME)
     rule: RuleConfig = field(default_factory=RuleConfig)
     samples_per_prompt: int = 1
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=128))
     prompt_format: str = "chat"  # how string prompts reach both models (chat template or raw text)
-    max_length: int = 1024
+    max_length: int = 1024  # reward-model tokens; with `preferences`, also the tokens of a row (as in training)
+    preferences: str | None = None  # held-out paired file (prompt, chosen, rejected): implicit reward accuracy
+    max_prompt_length: int = 256  # with `preferences`: prompt tokens of a row, as mmpref train's key
     bootstrap_samples: int = 1000  # resamples of the prompts for the confidence interval
     confidence: float = 0.95
     output: str = "runs/rdpo/eval_reward.json"
@@ -222,10 +225,17 @@ def validate_eval(cfg: EvalRewardConfig) -> EvalRewardConfig:
     _folder("policy", cfg.policy, "the trained student")
     _folder("reference", cfg.reference, "the model the student started from")
     _prompts(cfg.prompts, cfg.prompts_file)
-    _reward("reward", cfg.reward, cfg.rule)
-    for key in ("samples_per_prompt", "bootstrap_samples", "max_length"):
+    if cfg.reward or not cfg.rewards:
+        _reward("reward", cfg.reward, cfg.rule)
+    for i, spec in enumerate(cfg.rewards):
+        _reward(f"rewards[{i}]", spec, cfg.rule)
+    for key in ("samples_per_prompt", "bootstrap_samples", "max_length", "max_prompt_length"):
         if not getattr(cfg, key) > 0:
             raise ConfigError(f"{key}: must be > 0, got {getattr(cfg, key)!r}")
+    if cfg.preferences is not None and not Path(cfg.preferences).exists():
+        raise ConfigError(f"preferences: no such file or folder {cfg.preferences}")
+    if cfg.preferences is not None and cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError("max_prompt_length: must be smaller than max_length")
     if not 0 < cfg.confidence < 1:
         raise ConfigError(f"confidence: must be in (0, 1), got {cfg.confidence!r}")
     _choice("prompt_format", cfg.prompt_format, PROMPT_FORMATS)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mmpref.data import DataError, load_rows, prompt_text, validate_rows
 from mmpref.data.text import bad_rows_error
 from mmpref.hub import split_revision
-from mmpref.metrics.stats import win_outcomes
+from mmpref.metrics.stats import MetricResult, mean_with_ci, win_outcomes
 from mmpref.metrics.stats import win_rate as stats_win_rate
 from mmpref.rdpo.config import RULE_PREFIX, EvalRewardConfig, RuleConfig, ScoreConfig
 from mmpref.rdpo.generation import (
@@ -349,12 +349,12 @@ class WinRate:
     mean_reward_policy: float
     mean_reward_reference: float
 
-    def table(self, cfg: EvalRewardConfig) -> str:
+    def table(self, cfg: EvalRewardConfig, reward: str | None = None) -> str:
         pct = f"{self.confidence:.0%}"
         rows = [
             ("policy", cfg.policy),
             ("reference", cfg.reference),
-            ("reward", cfg.reward),
+            ("reward", reward or cfg.reward),
             ("comparisons", f"{self.prompts} prompts x {self.samples_per_prompt} samples"),
             ("mean reward policy", f"{self.mean_reward_policy:.4g}"),
             ("mean reward reference", f"{self.mean_reward_reference:.4g}"),
@@ -398,52 +398,162 @@ def win_rate(
     )
 
 
-def run_eval_reward(cfg: EvalRewardConfig, *, progress: bool = True) -> WinRate:
-    """Sample from the student and the reference with the same seeds, judge with the reward, write JSON."""
+@dataclass
+class TextEvaluation:
+    """``mmpref eval text``: one :class:`WinRate` per reward, each side's mean answer length in tokens (over
+    prompts, with intervals) and, with a preference file, the held-out implicit reward accuracy."""
+
+    rewards: dict[str, WinRate]
+    lengths: dict[str, MetricResult]
+    implicit_accuracy: MetricResult | None = None
+
+    def markdown(self) -> str:
+        first = next(iter(self.rewards.values()))
+        pct = f"{first.confidence:.0%}"
+        lines = [f"| reward | mean policy | mean reference | wins / ties / losses | win rate policy vs reference "
+                 f"[{pct} CI] |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name, w in self.rewards.items():
+            lines.append(f"| `{name}` | {w.mean_reward_policy:.4g} | {w.mean_reward_reference:.4g} | {w.wins} / "
+                         f"{w.ties} / {w.losses} | {w.win_rate:.3f} [{w.ci_low:.3f}, {w.ci_high:.3f}] |")  # fmt: skip
+        pol, ref = self.lengths["policy"], self.lengths["reference"]
+        lines += ["", f"| | policy [{pct} CI] | reference [{pct} CI] |", "|---|---:|---:|",
+                  f"| answer length (tokens) | {pol.value:.1f} [{pol.ci_low:.1f}, {pol.ci_high:.1f}] "
+                  f"| {ref.value:.1f} [{ref.ci_low:.1f}, {ref.ci_high:.1f}] |"]  # fmt: skip
+        if self.implicit_accuracy is not None:
+            a = self.implicit_accuracy
+            lines += ["", f"implicit reward accuracy (ties 0.5) on {a.n} held-out pairs: {a.value:.3f} "
+                      f"[{a.ci_low:.3f}, {a.ci_high:.3f}]"]  # fmt: skip
+        return "\n".join(lines)
+
+    def summary(self, cfg: EvalRewardConfig) -> str:
+        """Each reward's key/value table (what ``eval-reward`` always printed), then the markdown tables."""
+        return "\n\n".join([*(w.table(cfg, name) for name, w in self.rewards.items()), self.markdown()])
+
+
+def reward_specs(cfg: EvalRewardConfig) -> list[str]:
+    """The rewards that judge: ``reward`` then ``rewards``, each once."""
+    return list(dict.fromkeys([r for r in [cfg.reward, *cfg.rewards] if r]))
+
+
+def policy_tokenizer(cfg: EvalRewardConfig):
+    """The tokenizer of ``cfg.policy``: it counts answer tokens of both sides and tokenizes preference rows."""
+    from transformers import AutoTokenizer
+
+    name, revision = split_revision(str(cfg.policy))
+    with custom_code_guard(cfg.policy):
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def answer_tokens(tokenizer, answers: list[list[str]]) -> np.ndarray:
+    """(prompts, samples) token counts of the answers (``tokenizer(answer)`` without special tokens)."""
+    return np.array([[len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in row] for row in answers])
+
+
+@torch.no_grad()
+def implicit_reward_accuracy(cfg: EvalRewardConfig, *, progress: bool = True) -> MetricResult:
+    """Held-out implicit reward accuracy of ``policy`` against ``reference`` on ``cfg.preferences``.
+
+    Each row (``prompt``, ``chosen``, ``rejected``) is tokenized as ``mmpref train`` tokenizes it
+    (:func:`~mmpref.adapters.causal_lm.tokenize_row` with ``max_length`` / ``max_prompt_length``, the policy's
+    tokenizer), ℓ = log π_θ(y|x) − log π_ref(y|x) from summed response log-probs
+    (:func:`~mmpref.adapters.causal_lm.response_logps`), and the pair counts ``1[ℓ_w > ℓ_l] + ½ · 1[ℓ_w = ℓ_l]``
+    (:func:`mmpref.losses.tie_accuracy`): the ``rewards/accuracies`` of training, without β (a positive scale).
+    The interval resamples pairs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from mmpref.adapters.causal_lm import collate, response_logps, tokenize_row
+    from mmpref.losses import tie_accuracy
+
+    path = Path(cfg.preferences)
+    ds = load_rows(str(path))
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{path}: the implicit accuracy needs paired rows; missing columns {', '.join(missing)}")
+    bad = validate_rows(ds.select_columns(["prompt", "chosen", "rejected"]), "paired")
+    if bad:
+        raise bad_rows_error(path, bad, ds.num_rows)
+    tokenizer = policy_tokenizer(cfg)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [tokenize_row(tokenizer, i, r["prompt"], [r["chosen"], r["rejected"]], max_length=cfg.max_length,
+                         max_prompt_length=cfg.max_prompt_length) for i, r in enumerate(ds.to_list())]  # fmt: skip
+    logratios = None
+    for sign, model_path in ((1.0, cfg.policy), (-1.0, cfg.reference)):
+        name, revision = split_revision(str(model_path))
+        with custom_code_guard(model_path):
+            model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=TORCH_DTYPES[cfg.torch_dtype],
+                                                         trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+        model.to(resolve_device(cfg.device)).eval()
+        logps = []
+        for batch in tqdm(list(chunks(rows, cfg.generation.batch_size)), desc="log-probs", disable=not progress):
+            inputs = {k: v.to(model.device) for k, v in collate(batch, pad).items()}
+            logps.append(response_logps(model, inputs)[0].float().cpu())
+        side = sign * torch.cat(logps)  # (n, 2): chosen, rejected
+        logratios = side if logratios is None else logratios + side
+        del model
+    accuracy = tie_accuracy(logratios[:, 0] - logratios[:, 1])
+    return mean_with_ci("implicit_accuracy", accuracy, n_resamples=cfg.bootstrap_samples,
+                        confidence=cfg.confidence, seed=cfg.generation.seed)  # fmt: skip
+
+
+def run_eval_text(cfg: EvalRewardConfig, *, progress: bool = True) -> TextEvaluation:
+    """Sample from the student and the reference with the same seeds, judge both with every reward, count
+    answer tokens, optionally measure the implicit reward accuracy; write the JSON report to ``cfg.output``."""
     prompts = load_prompts(cfg.prompts, cfg.prompts_file)
     policy = sample_answers(cfg.policy, prompts, cfg, desc="policy", progress=progress)
     reference = sample_answers(cfg.reference, prompts, cfg, desc="reference", progress=progress)
-    reward = load_reward(
-        cfg.reward,
-        cfg.rule,
-        batch_size=cfg.generation.batch_size,
-        max_length=cfg.max_length,
-        device=cfg.device,
-        torch_dtype=cfg.torch_dtype,
-        trust_remote_code=cfg.trust_remote_code,
-    )
     k = cfg.samples_per_prompt
     flat_prompts = [p.text for p in prompts for _ in range(k)]
-    r_pol = np.array(reward.score(flat_prompts, [a for answers in policy for a in answers])).reshape(-1, k)
-    r_ref = np.array(reward.score(flat_prompts, [a for answers in reference for a in answers])).reshape(-1, k)
-    reward.close()
-    result = win_rate(
-        r_pol,
-        r_ref,
-        bootstrap_samples=cfg.bootstrap_samples,
-        confidence=cfg.confidence,
-        seed=cfg.generation.seed,
-    )
+    boot = {"n_resamples": cfg.bootstrap_samples, "confidence": cfg.confidence, "seed": cfg.generation.seed}
+    judged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for spec in reward_specs(cfg):  # one reward model in memory at a time
+        reward = load_reward(spec, cfg.rule, batch_size=cfg.generation.batch_size, max_length=cfg.max_length,
+                             device=cfg.device, torch_dtype=cfg.torch_dtype,
+                             trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+        r_pol = np.array(reward.score(flat_prompts, [a for answers in policy for a in answers])).reshape(-1, k)
+        r_ref = np.array(reward.score(flat_prompts, [a for answers in reference for a in answers])).reshape(-1, k)
+        reward.close()
+        judged[spec] = (r_pol, r_ref)
+    results = {spec: win_rate(r_pol, r_ref, bootstrap_samples=cfg.bootstrap_samples, confidence=cfg.confidence,
+                              seed=cfg.generation.seed) for spec, (r_pol, r_ref) in judged.items()}  # fmt: skip
+    tokenizer = policy_tokenizer(cfg)
+    tokens = {"policy": answer_tokens(tokenizer, policy), "reference": answer_tokens(tokenizer, reference)}
+    lengths = {side: mean_with_ci(f"length_{side}", torch.as_tensor(t, dtype=torch.float64).mean(dim=1), **boot)
+               for side, t in tokens.items()}  # fmt: skip
+    accuracy = implicit_reward_accuracy(cfg, progress=progress) if cfg.preferences else None
+    evaluation = TextEvaluation(results, lengths, accuracy)
+    first = next(iter(judged))
     records = [
         {
             "id": p.id,
             "prompt": p.text,
             "policy": policy[i],
             "reference": reference[i],
-            "policy_rewards": r_pol[i].tolist(),
-            "reference_rewards": r_ref[i].tolist(),
+            "policy_rewards": judged[first][0][i].tolist(),
+            "reference_rewards": judged[first][1][i].tolist(),
+            "rewards": {s: {"policy": pol[i].tolist(), "reference": ref[i].tolist()} for s, (pol, ref) in judged.items()},
+            "policy_tokens": tokens["policy"][i].tolist(),
+            "reference_tokens": tokens["reference"][i].tolist(),
         }
         for i, p in enumerate(prompts)
     ]
+    report = {
+        "summary": asdict(results[first]),  # the first reward's, as eval-reward always wrote it
+        "rewards": {spec: asdict(w) for spec, w in results.items()},
+        "lengths": {side: m.to_dict() for side, m in lengths.items()},
+        "implicit_accuracy": accuracy.to_dict() if accuracy is not None else None,
+        "config": asdict(cfg),
+        "prompts": records,
+    }
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(
-        json.dumps(
-            {"summary": asdict(result), "config": asdict(cfg), "prompts": records},
-            indent=2,
-            ensure_ascii=False,
-        )
-    )
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     tmp.replace(out)
-    return result
+    (out.with_suffix(".md")).write_text(evaluation.markdown() + "\n", encoding="utf-8")
+    return evaluation
+
+
+def run_eval_reward(cfg: EvalRewardConfig, *, progress: bool = True) -> WinRate:
+    """The first reward's :class:`WinRate` of :func:`run_eval_text` (``mmpref eval-reward``, kept as an alias)."""
+    return next(iter(run_eval_text(cfg, progress=progress).rewards.values()))

@@ -54,8 +54,22 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # modules to adapt; None: the modality's DEFAULT_TARGETS (text: the attention projections q_proj, k_proj,
+    # v_proj, o_proj of transformers' LMs; diffusion: the UNet's attention to_q, to_k, to_v, to_out.0).
+    # A list is used as given.
+    target_modules: list[str] | None = None
     merge: bool = False  # also save a merged full model under final/merged
+
+    DEFAULT_TARGETS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "text": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "diffusion": ("to_q", "to_k", "to_v", "to_out.0"),
+    }
+
+    def targets(self, modality: str) -> list[str]:
+        """The modules LoRA adapts in a model of ``modality`` ("text" or "diffusion")."""
+        if self.target_modules is not None:
+            return list(self.target_modules)
+        return list(self.DEFAULT_TARGETS[modality])
 
 
 @dataclass
@@ -292,8 +306,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 raise ConfigError(f"lora.{key}: must be > 0, got {getattr(cfg.lora, key)!r}")
         if not 0 <= cfg.lora.dropout < 1:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout!r}")
-        if not cfg.lora.target_modules:
-            raise ConfigError("lora.target_modules: needs at least one module name")
+        if cfg.lora.target_modules is not None and not cfg.lora.target_modules:
+            raise ConfigError("lora.target_modules: needs at least one module name (or null: the modality's default)")
     from transformers import SchedulerType
 
     schedulers = [t.value for t in SchedulerType]

@@ -60,8 +60,24 @@ def gather_rows(rows: Rows, accelerator) -> Rows:
     return replace(rows, **gathered)
 
 
-def _split(rows: Rows) -> tuple[list, list]:
-    """Chosen and rejected sides, each [ℓ, lengths, policy log-probs, embeddings, scores]."""
+@dataclass(frozen=True)
+class Side:
+    """The chosen or the rejected side of a batch: one sample per row (of the paired rows), or the
+    desirable or undesirable rows (unpaired); each field as in :class:`Rows` without the K axis."""
+
+    logratios: Tensor
+    lengths: Tensor | None = None
+    policy_logps: Tensor | None = None
+    embeddings: Tensor | None = None
+    scores: Tensor | None = None  # the side's own score, paired rows only
+
+    def select(self, mask: Tensor) -> Side:
+        """The rows of ``mask``."""
+        return Side(**{f.name: None if (t := getattr(self, f.name)) is None else t[mask] for f in fields(self)})
+
+
+def _split(rows: Rows) -> tuple[Side, Side]:
+    """The chosen and the rejected side."""
 
     def column(t: Tensor | None, j: int) -> Tensor | None:
         return None if t is None else t[:, j]
@@ -69,32 +85,39 @@ def _split(rows: Rows) -> tuple[list, list]:
     emb = rows.embeddings
     if rows.logratios.shape[1] == 2:
         per_sample = emb is not None and emb.ndim == 3
-        return [
-            [column(rows.logratios, j), column(rows.lengths, j), column(rows.policy_logps, j),
-             column(emb, j) if per_sample else emb, column(rows.scores, j)]
+        chosen, rejected = (
+            Side(logratios=column(rows.logratios, j), lengths=column(rows.lengths, j),
+                 policy_logps=column(rows.policy_logps, j), embeddings=column(emb, j) if per_sample else emb,
+                 scores=column(rows.scores, j))
             for j in (0, 1)
-        ]  # fmt: skip
+        )  # fmt: skip
+        return chosen, rejected
     if rows.labels is None:
         raise ValueError("unpaired rows need labels")
-    side = [column(rows.logratios, 0), column(rows.lengths, 0), column(rows.policy_logps, 0), emb, None]
+    side = Side(logratios=column(rows.logratios, 0), lengths=column(rows.lengths, 0),
+                policy_logps=column(rows.policy_logps, 0), embeddings=emb)  # fmt: skip
     good = rows.labels.bool()
-    return [[None if t is None else t[mask] for t in side] for mask in (good, ~good)]
+    return side.select(good), side.select(~good)
 
 
 def preference_loss(loss_cfg: LossConfig, rpo_cfg: RPOConfig, rows: Rows) -> PreferenceLossOutput:
     """The configured loss on a batch of rows (already gathered across processes if asked)."""
     paired = rows.logratios.shape[1] == 2
-    (lw, nw, pw, ew, sw), (ll, nl, pl, el, sl) = _split(rows)
+    chosen, rejected = _split(rows)
     base = rpo_cfg.base_loss if loss_cfg.type == "rpo" else loss_cfg.type
     if base == "simpo":  # reference-free: the policy's own log-probs
-        lw, ll = pw, pl
+        chosen = replace(chosen, logratios=chosen.policy_logps)
+        rejected = replace(rejected, logratios=rejected.policy_logps)
     kwargs = {"beta": loss_cfg.beta, "label_smoothing": loss_cfg.label_smoothing, "gamma": loss_cfg.gamma,
-              "chosen_lengths": nw, "rejected_lengths": nl}  # fmt: skip
+              "chosen_lengths": chosen.lengths, "rejected_lengths": rejected.lengths}  # fmt: skip
     if base in ("odpo", "rdpo"):
-        if sw is None:
+        if chosen.scores is None:
             raise ValueError(f"loss {base!r} needs score_chosen / score_rejected columns in paired rows")
         # RPO contrasts every chosen with every rejected sample: one score gap per contrast
-        gap = sw[:, None] - sl[None, :] if loss_cfg.type == "rpo" else sw - sl
+        if loss_cfg.type == "rpo":
+            gap = chosen.scores[:, None] - rejected.scores[None, :]
+        else:
+            gap = chosen.scores - rejected.scores
         if base == "odpo":  # per pair the data guarantee s_w > s_l; RPO's cross pairs need the clamp
             gap = gap.clamp_min(ODPO_MIN_SCORE_GAP) if loss_cfg.type == "rpo" else gap
             kwargs["offsets"] = loss_cfg.offset_alpha * gap.log()
@@ -104,17 +127,19 @@ def preference_loss(loss_cfg: LossConfig, rpo_cfg: RPOConfig, rows: Rows) -> Pre
     if loss_cfg.type == "rpo":
         if rpo_cfg.mode == "diagonal" and not paired:
             raise ValueError("rpo.mode 'diagonal' needs paired rows (prompt, chosen, rejected)")
-        out = rpo_loss(lw, ll, mode=rpo_cfg.mode, chosen_embeddings=ew, rejected_embeddings=el,
+        out = rpo_loss(chosen.logratios, rejected.logratios, mode=rpo_cfg.mode,
+                       chosen_embeddings=chosen.embeddings, rejected_embeddings=rejected.embeddings,
                        temperature=rpo_cfg.temperature, diagonal_weight=rpo_cfg.diagonal_weight,
                        base_loss=base, **kwargs)  # fmt: skip
     else:
         if not paired:
             raise ValueError(f"loss.type {loss_cfg.type!r} needs paired rows; unpaired data trains with "
                              "loss.type=rpo and rpo.mode=unpaired")  # fmt: skip
-        out = dpo_loss(lw, ll, loss_type=base, **kwargs)
+        out = dpo_loss(chosen.logratios, rejected.logratios, loss_type=base, **kwargs)
 
     if rows.metrics:
         out.metrics.update(rows.metrics)
+    pw, nw = chosen.policy_logps, chosen.lengths
     if loss_cfg.sft_weight and pw is not None and pw.numel():
         # token-weighted, as TRL's "sft" loss: the mean NLL over every chosen token of the batch
         nll = -(pw.sum() / nw.sum()) if nw is not None else -pw.mean()

@@ -1,0 +1,92 @@
+"""What the training loop needs of a task: the contract :class:`~mmpref.training.text_task.TextTask` and
+:class:`~mmpref.training.diffusion_task.DiffusionTask` implement.
+
+A task owns the model, the data and the reference, and turns a batch into
+:class:`~mmpref.training.objective.Rows`; the loop (:mod:`mmpref.training.loop`) owns everything else.
+The loop reads a task through these names only: the attributes and abstract methods below every task
+has; the hooks at the end have no-op defaults, and a task overrides those it needs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from torch import Tensor, nn
+
+from mmpref.training.objective import Rows
+
+
+class Split(Protocol):
+    """One dataset split (``Task.train``, ``Task.eval``), indexed by row number 0 .. ``len(split) - 1``."""
+
+    #: (N,) bool for unpaired rows, True = desirable (the loop balances batches by them); None for pairs
+    labels: Tensor | None
+
+    def __len__(self) -> int: ...
+
+
+class Task(ABC):
+    """A modality's model, data and reference, as the one training loop drives them.
+
+    Attributes every task sets:
+
+    * ``model``: the module to train (before ``accelerator.prepare``; the loop optimizes its parameters
+      that require grad). The loop passes the prepared one back to :meth:`rows` and the hooks.
+    * ``train``: the training :class:`Split`; ``eval``: the evaluation split, or None (no eval loss).
+    """
+
+    #: "text" | "diffusion": the model card's kind of model (pipeline tag, usage, tags)
+    modality: ClassVar[str]
+    #: what :meth:`count_units` counts ("tokens", "images"), for the throughput report
+    unit: ClassVar[str]
+    #: the model card's family: an SDXL pipeline (diffusion only)
+    is_sdxl: bool = False
+
+    model: nn.Module
+    train: Split
+    eval: Split | None
+
+    # -- what every task implements ---------------------------------------------------------------
+    @abstractmethod
+    def collate_train(self, indices: list[int]) -> dict[str, Tensor]:
+        """The training batch of these rows of ``train``; holds ``row_index`` (dataset rows, for messages)."""
+
+    @abstractmethod
+    def collate_eval(self, indices: list[int]) -> dict[str, Tensor]:
+        """The evaluation batch of these rows of ``eval`` (deterministic: evaluations are comparable)."""
+
+    @abstractmethod
+    def rows(self, model: nn.Module, batch: dict[str, Tensor]) -> Rows:
+        """The per-row implicit log-ratios (and what the loss reads besides) of ``batch`` under ``model``.
+
+        Runs under the loop's autocast, for training (with grad) and evaluation (no grad) alike.
+        """
+
+    @abstractmethod
+    def count_units(self, batch: dict[str, Tensor]) -> int:
+        """How many :attr:`unit` the batch holds, for the throughput report."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write the trained model (``model`` unwrapped) into ``out_dir``, in the form its library loads.
+
+        ``state_dict``: the gathered weights when the model is sharded (FSDP, ZeRO-3), else None.
+        Runs on the main process only.
+        """
+
+    # -- optional hooks (no-op defaults) ------------------------------------------------------------
+    def sample_and_score(self, model: nn.Module, step: int) -> dict[str, float]:
+        """At every evaluation, before the eval loss: generate and score samples; metrics to log."""
+        return {}
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """After every optimizer step that updated the weights (not a skipped one); e.g. an EMA update."""
+
+    def finalize(self, model: nn.Module) -> None:
+        """After the last step, before the final evaluation and save; e.g. EMA weights in place of the trained."""
+
+    def checkpoint_objects(self) -> list:
+        """Extra state (``state_dict`` / ``load_state_dict`` objects) saved in every checkpoint, restored on resume."""
+        return []

@@ -12,7 +12,9 @@ steps (default 2), and reports:
   keeps, not a sampled value;
 * ``steps peak``: the same high-water mark over the optimizer steps alone (reset through
   ``/proc/self/clear_refs`` right before the first step), and ``before``: the RSS at that moment;
-* with ``--device cuda``: ``torch.cuda.max_memory_allocated()`` over the process and over the steps.
+* ``start``: the RSS once Python and torch are imported, before the contender's own imports (a floor);
+* on a GPU (``--device cuda``, the default where CUDA is available): ``torch.cuda.max_memory_allocated()``
+  over the process and over the steps, both sides on the GPU.
 
 Shape sets:
 
@@ -28,7 +30,7 @@ chunked LM head) shows up here. Run from the repository root:
 
     python benchmarks/text_memory.py                    # both shape sets (several minutes on 2 CPU cores)
     python benchmarks/text_memory.py --shapes long --contenders mmpref-dpo trl-dpo
-    python benchmarks/text_memory.py --quick            # tiny shapes, a smoke run in seconds
+    python benchmarks/text_memory.py --quick            # tiny shapes, a smoke run (~1 min: mostly imports)
 """
 
 from __future__ import annotations
@@ -144,7 +146,14 @@ def _status_kib(field: str) -> int:
 
 
 def peak_rss_gib() -> float:
-    """The process's resident high-water mark (what ``ru_maxrss`` reports, KiB on Linux)."""
+    """The process's resident high-water mark since it started or since :func:`reset_peak_rss` (``VmHWM``).
+
+    ``ru_maxrss`` (KiB on Linux) is the same counter for a live process, but also keeps the high-water mark
+    of threads that have exited, which survives a reset; it is checked against the lifetime peak only."""
+    return _status_kib("VmHWM") / 2**20
+
+
+def lifetime_peak_rss_gib() -> float:
     return max(_status_kib("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20
 
 
@@ -167,6 +176,21 @@ def rows_digest(tokenized) -> str:
     ).hexdigest()[:16]
 
 
+def trl_on_gpu() -> None:
+    """``text_step.trl_runner`` sets ``use_cpu=True`` (a CPU benchmark); on a GPU, TRL must run there too.
+
+    trl_runner imports ``DPOConfig`` from ``trl`` when called, so this subclass, which drops the flag,
+    is what it builds; every other setting stays as trl_runner has it."""
+    import trl
+
+    class DPOConfigOnGPU(trl.DPOConfig):
+        def __init__(self, *a, **kw):
+            kw["use_cpu"] = False
+            super().__init__(*a, **kw)
+
+    trl.DPOConfig = DPOConfigOnGPU
+
+
 def child(args: argparse.Namespace) -> dict:
     """One contender in this (fresh) process: set up (untimed reference pass included), then the steps."""
     import warnings
@@ -185,15 +209,7 @@ def child(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     cuda = args.device == "cuda"
     if cuda and args.contender == "trl-dpo":
-        # text_step.trl_runner sets use_cpu=True (it is a CPU benchmark); on a GPU TRL must run there too.
-        import trl
-
-        class GPUDPOConfig(trl.DPOConfig):
-            def __init__(self, *a, **kw):
-                kw["use_cpu"] = False
-                super().__init__(*a, **kw)
-
-        trl.DPOConfig = GPUDPOConfig
+        trl_on_gpu()
 
     shapes = shapes_for(args.shapes, args.quick)
     work = Path(args.workdir)
@@ -211,7 +227,7 @@ def child(args: argparse.Namespace) -> dict:
         tokenized = [(r.prompt, r.responses) for r in mm_rows]
         window = (0, args.steps)
     setup_s = time.perf_counter() - start
-    setup_peak, before = peak_rss_gib(), rss_gib()
+    setup_peak, before = lifetime_peak_rss_gib(), rss_gib()
     if cuda:
         torch.cuda.synchronize()
         cuda_setup_peak = torch.cuda.max_memory_allocated() / GIB
@@ -228,7 +244,7 @@ def child(args: argparse.Namespace) -> dict:
         "contender": args.contender,
         "shapes": args.shapes,
         "steps": args.steps,
-        "peak_rss_gib": max(setup_peak, peak_rss_gib()),
+        "peak_rss_gib": max(setup_peak, lifetime_peak_rss_gib()),
         "steps_peak_rss_gib": steps_peak,
         "rss_before_steps_gib": before,
         "rss_at_start_gib": rss_start,
@@ -238,6 +254,10 @@ def child(args: argparse.Namespace) -> dict:
         "rows_digest": rows_digest(tokenized),
         "torch_threads": torch.get_num_threads(),
     }
+    if args.contender != "trl-dpo":  # which mmpref was measured (a checkout, or an older copy on PYTHONPATH)
+        import mmpref
+
+        result["mmpref_path"] = str(Path(mmpref.__file__).parent)
     if cuda:
         result.update({
             "cuda_peak_gib": max(cuda_setup_peak, torch.cuda.max_memory_allocated() / GIB),
@@ -320,8 +340,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in each child (default: torch's choice; 1 with --quick)")  # fmt: skip
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                    help="cuda: both sides on the GPU, and torch.cuda.max_memory_allocated is reported too")  # fmt: skip
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto (default): cuda where available, else cpu; cuda: both sides on the GPU, and "
+                         "torch.cuda.max_memory_allocated is reported besides host RSS")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -330,6 +351,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--steps must be >= 1")
     if args.threads is None and args.quick:
         args.threads = 1
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child and (args.contender is None or args.shapes == "both" or args.workdir is None):
         ap.error("--child needs --contender, one --shapes set and --workdir")
     return args

@@ -390,7 +390,8 @@ def response_logps(
     target_mask = batch["target_mask"]
     if chunk_size > 0 and pretrained is not None:
         install_chunked_head(pretrained)
-        token_logps = model(**inputs, use_cache=False, token_logps_of=(keep, (rows, batch["targets"]), chunk_size))
+        targets = (rows, batch["targets"], target_mask)
+        token_logps = model(**inputs, use_cache=False, token_logps_of=(keep, targets, chunk_size))
     else:
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
         logits = logits.reshape(-1, logits.shape[-1]).float()  # (kept positions, vocab)

@@ -67,9 +67,10 @@ def token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, *, chunk_size:
 
 def install_chunked_head(model: PreTrainedModel) -> None:
     """Give ``model`` (once) a forward that returns per-token log-probs instead of logits when called with
-    ``token_logps_of=(positions, targets, chunk_size)``: the backbone runs, then :func:`token_logps` on the
-    final hidden states of ``positions`` (a (B, T) boolean mask, flattened row-major) indexed by
-    ``targets[0]`` (rows into those positions) and ``targets[1]`` (token ids).
+    ``token_logps_of=(positions, (rows, targets, mask), chunk_size)``: the backbone runs, then
+    :func:`token_logps` on the final hidden states of ``positions`` (a (B, T) boolean mask, flattened
+    row-major): entry i of ``targets`` is the token id predicted by kept position ``rows[i]``. Only entries
+    where ``mask`` is set (real tokens, not padding) go through the head; the others are 0.
 
     The forward of the instance itself is replaced, so calls through DDP, PEFT or compile wrappers reach it
     (the wrappers' own forwards run as usual); without the argument it is the original forward, so
@@ -82,13 +83,15 @@ def install_chunked_head(model: PreTrainedModel) -> None:
     def forward(*args, token_logps_of=None, **kwargs):
         if token_logps_of is None:
             return original(*args, **kwargs)
-        positions, (rows, targets), chunk_size = token_logps_of
+        positions, (rows, targets, mask), chunk_size = token_logps_of
         kwargs.pop("logits_to_keep", None)
         hidden = model.base_model(*args, **kwargs).last_hidden_state[positions]  # (kept positions, H)
-        picked = hidden[rows.reshape(-1)]
-        logps = token_logps(model.get_output_embeddings(), picked, targets.reshape(-1), chunk_size=chunk_size,
-                            config=model.config.get_text_config())  # fmt: skip
-        return logps.view(targets.shape)
+        real = mask.reshape(-1).bool()  # padded answer slots never reach the head
+        logps = token_logps(model.get_output_embeddings(), hidden[rows.reshape(-1)[real]], targets.reshape(-1)[real],
+                            chunk_size=chunk_size, config=model.config.get_text_config())  # fmt: skip
+        out = logps.new_zeros(real.shape[0])
+        out[real] = logps
+        return out.view(targets.shape)
 
     model.forward = forward
     model._mmpref_chunked_head = True

@@ -51,56 +51,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from text_step import QUICK, Shapes, build_model_folder, make_rows, mmpref_runner, trl_runner, write_jsonl
+from text_step import (
+    LONG,
+    QUICK,
+    Shapes,
+    build_model_folder,
+    make_rows,
+    mmpref_runner,
+    trl_runner,
+    write_jsonl,
+)
 
 CONTENDERS = ("mmpref-dpo", "mmpref-rpo", "trl-dpo")
 SHAPE_SETS = ("current", "long")
 GIB = 2**30
 
 
-@dataclass
-class MemoryShapes(Shapes):
-    tied: bool = False  # tie_word_embeddings: the LM head is the input embedding matrix
-
-
-def shapes_for(name: str, quick: bool) -> MemoryShapes:
+def shapes_for(name: str, quick: bool) -> Shapes:
     if name == "current":
-        return MemoryShapes(**asdict(QUICK)) if quick else MemoryShapes()
+        return Shapes(**asdict(QUICK)) if quick else Shapes()
     if name == "long":
         if quick:  # tiny, but keeps the long set's proportions: tied head, answers longer than prompts
-            return MemoryShapes(batch_size=2, hidden=64, layers=2, heads=2, vocab=4000, prompt_min=8,
-                                prompt_max=16, response_min=16, response_max=32, words=3997, tied=True)  # fmt: skip
-        return MemoryShapes(batch_size=2, hidden=256, layers=2, heads=4, vocab=151_936, prompt_min=256,
-                            prompt_max=512, response_min=512, response_max=1024, words=151_936 - 3,
-                            tied=True)  # fmt: skip
+            return Shapes(batch_size=2, hidden=64, layers=2, heads=2, vocab=4000, prompt_min=8, prompt_max=16,
+                          response_min=16, response_max=32, words=3997, tied=True)  # fmt: skip
+        return Shapes(**asdict(LONG))
     raise ValueError(f"shape set: {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------- setup
-
-
-def build_memory_model_folder(folder: Path, shapes: MemoryShapes, seed: int) -> None:
-    """``text_step.build_model_folder``, then, for a tied vocabulary, the same model rebuilt with
-    ``tie_word_embeddings=True`` (same seed, same config otherwise) and saved over it."""
-    build_model_folder(folder, shapes, seed)
-    if not shapes.tied:
-        return
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig.from_pretrained(folder)
-    config.tie_word_embeddings = True
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    for f in folder.glob("model*.safetensors*"):
-        f.unlink()
-    model.save_pretrained(folder)
 
 
 def batch_layout(rows: list[dict[str, str]], b: int) -> dict[str, int]:
@@ -117,7 +100,7 @@ def batch_layout(rows: list[dict[str, str]], b: int) -> dict[str, int]:
     return {"max_answer_tokens_per_batch": max(answers), "max_padded_positions_per_batch": max(padded)}
 
 
-def check_model_folder(folder: Path, shapes: MemoryShapes) -> dict:
+def check_model_folder(folder: Path, shapes: Shapes) -> dict:
     """Load the folder as both sides do (AutoModelForCausalLM, fp32) and check vocabulary and tying."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -300,7 +283,7 @@ def ratios_of(results: dict[str, dict], key: str) -> dict[str, float]:
     return out
 
 
-def report(name: str, shapes: MemoryShapes, info: dict, results: dict[str, dict], device: str) -> dict:
+def report(name: str, shapes: Shapes, info: dict, results: dict[str, dict], device: str) -> dict:
     print()
     print(f"== {name}: {asdict(shapes)} (intermediate {shapes.intermediate}); model: {info}")
     cols = [
@@ -376,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             shapes = shapes_for(name, args.quick)
             work = Path(tmp) / name
             work.mkdir()
-            build_memory_model_folder(work / "model", shapes, args.seed)
+            build_model_folder(work / "model", shapes, args.seed)
             info = check_model_folder(work / "model", shapes)
             rows = make_rows(args.steps * shapes.batch_size, shapes, args.seed)
             write_jsonl(rows, work / "train.jsonl")

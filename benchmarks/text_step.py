@@ -77,6 +77,7 @@ class Shapes:
     response_min: int = 16  # tokens, the closing EOS included
     response_max: int = 128
     words: int = 1000  # tokenizer vocabulary (one word = one token); the model's vocabulary is `vocab`
+    tied: bool = False  # tie_word_embeddings: the LM head is the input embedding matrix
 
     @property
     def intermediate(self) -> int:  # Llama's 8/3·hidden, rounded to a multiple of 16 (688 at 256)
@@ -89,6 +90,9 @@ class Shapes:
 
 QUICK = Shapes(batch_size=2, hidden=64, layers=2, heads=2, vocab=2000, prompt_min=8, prompt_max=24,
                response_min=4, response_max=12, words=200)  # fmt: skip
+# today's long answers: a Qwen2.5-sized tied vocabulary, answers longer than the prompts
+LONG = Shapes(batch_size=2, hidden=256, layers=2, heads=4, vocab=151_936, prompt_min=256, prompt_max=512,
+              response_min=512, response_max=1024, words=151_936 - 3, tied=True)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -112,7 +116,7 @@ def build_model_folder(folder: Path, shapes: Shapes, seed: int) -> None:
         num_attention_heads=shapes.heads,
         num_key_value_heads=shapes.heads,
         max_position_embeddings=max(1024, 2 * shapes.max_length),
-        tie_word_embeddings=False,
+        tie_word_embeddings=shapes.tied,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
@@ -479,13 +483,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Shape
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds")
+    ap.add_argument("--long", action="store_true",
+                    help="long answers: tied 151,936 vocabulary, prompts 256-512, answers 512-1,024, batch 2")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice; 1 with --quick, where tiny ops gain nothing "
                          "from a second thread and suffer most from a busy machine)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
-    shapes = Shapes(**asdict(QUICK)) if args.quick else Shapes()
+    shapes = Shapes(**asdict(QUICK)) if args.quick else Shapes(**asdict(LONG)) if args.long else Shapes()
     for flag, field in (
         ("batch_size", "batch_size"),
         ("hidden", "hidden"),

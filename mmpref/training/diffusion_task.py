@@ -1,6 +1,6 @@
 """Diffusion preference training (Diffusion-DPO, Diffusion-RPO) of SD 1.5 / SDXL UNets for the one loop.
 
-:class:`DiffusionTask` has the interface of :class:`~mmpref.training.text_task.TextTask`: it owns the UNet,
+:class:`DiffusionTask` is a :class:`~mmpref.training.task.Task`, the loop's contract: it owns the UNet,
 the frozen VAE / text encoder(s) / reference, and the image data, and turns a batch into
 :class:`~mmpref.training.objective.Rows` of ℓ (docs/design.md §1, §7; formulas in :mod:`mmpref.adapters.diffusion`).
 
@@ -11,9 +11,10 @@ Choices, all documented here because Diffusion-RPO has no public reference code:
 * **Model kind**: SDXL when the folder has ``text_encoder_2`` or the UNet's ``addition_embed_type`` is
   ``text_time``; otherwise SD 1.5-style (one CLIP text encoder, last hidden state).
 * **Reference**: a frozen copy of the UNet, or with ``lora:`` the same UNet with its adapters disabled
-  (LoRA through diffusers' peft integration, ``unet.add_adapter``, on ``to_q, to_k, to_v, to_out.0``
-  unless ``lora.target_modules`` names others). ``precompute_ref`` does not apply: the noise and timestep
-  differ at every step, so the reference runs every step (one no-grad forward).
+  (LoRA through diffusers' peft integration, ``unet.add_adapter``, on ``to_q, to_k, to_v, to_out.0``, the
+  diffusion entry of ``LoraConfig.DEFAULT_TARGETS``, unless ``lora.target_modules`` names others).
+  ``precompute_ref`` does not apply: the noise and timestep differ at every step, so the reference runs
+  every step (one no-grad forward).
 * **Cache** (``diffusion.cache_latents: true``, default): VAE latents (posterior *mean* × scaling factor,
   the same function the uncached path uses, so caching only adds float16 rounding) and text-encoder outputs,
   plus the empty caption's, are computed once per dataset and model into
@@ -83,11 +84,10 @@ from mmpref.training.sampling import (
     save_images,
     unet_swapped,
 )
+from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
 MIXED = {"fp16": torch.float16, "bf16": torch.bfloat16}
-LM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LoraConfig's default, meant for LMs
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CACHE_VERSION = 2  # 2: SDXL time ids hold the mirrored crop edge too
 EVAL_SEED_STRIDE = 1_000_003
 TRAIN_ROW_STRIDE = 1_000_003  # seed offset between rows of a training batch; +1 is a row's noise seed
@@ -107,9 +107,10 @@ class _ImageSplit:
         return len(self.pairs)
 
 
-class DiffusionTask:
+class DiffusionTask(Task):
     """Diffusion-DPO / Diffusion-RPO on a SD 1.5 or SDXL pipeline folder (module docstring)."""
 
+    modality = "diffusion"
     unit = "images"  # what count_units counts, for the throughput report
 
     def __init__(self, cfg: TrainConfig, accelerator, source: ModelSource | None = None, train_dataset=None,
@@ -198,12 +199,10 @@ class DiffusionTask:
             from peft import LoraConfig
 
             lc = cfg.lora
-            targets = (
-                UNET_LORA_TARGETS if list(lc.target_modules) == LM_LORA_TARGETS else list(lc.target_modules)
-            )
             self.unet.requires_grad_(False)
             self.unet.add_adapter(LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                             init_lora_weights="gaussian", target_modules=targets))  # fmt: skip
+                                             init_lora_weights="gaussian",
+                                             target_modules=lc.targets(self.modality)))  # fmt: skip
             for p in self.unet.parameters():
                 if p.requires_grad:  # train the adapters in fp32, as diffusers' cast_training_params does
                     p.data = p.data.float()
@@ -219,6 +218,8 @@ class DiffusionTask:
             self.ema.to(device)
         self._pipe = self._embedder = None  # built on first use by sample_and_score
         self._reference_images: list | None = None
+        self._scorers: dict | None = None  # samples.scorers, loaded on first use
+        self._reference_scores: dict[str, Tensor] | None = None  # of the reference images, scored once
 
     # -- encoding (cache build, or every step without cache) -----------------------------------------
     def _encode_text(self, captions: list[str]) -> dict[str, Tensor]:
@@ -397,10 +398,14 @@ class DiffusionTask:
     # -- samples: the evaluation hook ----------------------------------------------------------------
     def sample_and_score(self, model: nn.Module, step: int) -> dict[str, float]:
         """Generate ``samples.prompts`` (fixed seeds) with the policy, save them and a grid beside the
-        reference's images under ``output_dir/samples``, and score them when ``samples.style_refs`` is set.
+        reference's images under ``output_dir/samples``, and score them when ``samples.style_refs`` is set and
+        with every scorer of ``samples.scorers`` (:mod:`mmpref.metrics.scorers`): ``samples/<name>`` (the mean
+        over the prompts), ``samples/reference_<name>`` and ``samples/<name>_win_rate`` (trained vs reference per
+        prompt, ties ½; 0.5 at step 0, where the policy is the reference).
 
-        Runs on the main process only. The pipeline (VAE decoder, text encoders) is loaded once, on first use;
-        the reference's images are generated once. Returns ``samples/*`` metrics for the trackers.
+        Runs on the main process only. The pipeline (VAE decoder, text encoders) and the scorers are loaded once,
+        on first use; the reference's images are generated and scored once. Returns ``samples/*`` metrics for
+        the trackers.
         """
         sc, acc = self.cfg.samples, self.accelerator
         if not sc.prompts or not acc.is_main_process:
@@ -426,6 +431,29 @@ class DiffusionTask:
         grid.save(root / "latest.png")  # where a person looks first
         log_image(acc, "samples", grid, step)  # to every configured tracker that takes images
         metrics.update(self._score_samples(paths, "samples/"))
+        metrics.update(self._preference_scores(images))
+        return metrics
+
+    def _preference_scores(self, images: list) -> dict[str, float]:
+        """``samples.scorers`` on the policy's images against the reference's (scored once)."""
+        from mmpref.metrics.scorers import load_scorer
+        from mmpref.metrics.stats import win_rate
+
+        sc = self.cfg.samples
+        if not sc.scorers:
+            return {}
+        if self._scorers is None:
+            self._scorers = {name: load_scorer(name, sc.scorer_models.get(name), device=self.accelerator.device)
+                             for name in sc.scorers}  # fmt: skip
+        if self._reference_scores is None:
+            self._reference_scores = {name: s.score(self._reference_images, sc.prompts)
+                                      for name, s in self._scorers.items()}  # fmt: skip
+        metrics = {}
+        for name, scorer in self._scorers.items():
+            trained, reference = scorer.score(images, sc.prompts), self._reference_scores[name]
+            metrics[f"samples/{name}"] = trained.mean().item()
+            metrics[f"samples/reference_{name}"] = reference.mean().item()
+            metrics[f"samples/{name}_win_rate"] = win_rate(trained, reference, n_resamples=0).value
         return metrics
 
     def _score_samples(self, images: list[Path], prefix: str) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The one training loop, on Accelerate, for every modality and loss.
 
-A *task* (``TextTask``; diffusion plugs in the same way) owns the model, the data and the
-reference; it turns a batch into :class:`~mmpref.training.objective.Rows`. This loop owns
+A *task* (a :class:`~mmpref.training.task.Task`: ``TextTask``, ``DiffusionTask``) owns the model, the data
+and the reference; it turns a batch into :class:`~mmpref.training.objective.Rows`. This loop owns
 everything else: optimizer, schedule, accumulation, logging, evaluation, checkpoints, resume.
 """
 
@@ -43,6 +43,7 @@ from mmpref.training.model_card import push_to_hub, write_model_card
 from mmpref.training.objective import Rows, gather_rows, preference_loss
 from mmpref.training.plots import plot_metrics
 from mmpref.training.run_report import peak_host_rss_gib, summary_line
+from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
 DEFAULT_EPOCHS = 3  # when neither max_steps nor num_epochs is set, as TRL's num_train_epochs
@@ -93,7 +94,8 @@ class _StopRequest:
         self._previous.clear()
 
 
-def build_task(cfg: TrainConfig, accelerator: Accelerator, source: ModelSource | None = None, given: dict | None = None):
+def build_task(cfg: TrainConfig, accelerator: Accelerator, source: ModelSource | None = None,
+               given: dict | None = None) -> Task:  # fmt: skip
     """The diffusion task for a diffusers pipeline (a ``model_index.json``), else the text task.
 
     ``given``: in-memory ``model``, ``tokenizer``, ``train_dataset``, ``eval_dataset`` (see :func:`train`).
@@ -147,7 +149,7 @@ def epoch_order(size: int, seed: int, epoch: int, labels: torch.Tensor | None = 
                                                       *bad[b * per_bad : (b + 1) * per_bad])]  # fmt: skip
 
 
-def _batches(task, collate, order: list[int], batch_size: int, skip: int, accelerator):
+def _batches(collate, order: list[int], batch_size: int, skip: int, accelerator):
     """This process's batches of one epoch's ``order``, after skipping ``skip`` of them."""
     loader = DataLoader(order, batch_size=batch_size, shuffle=False, collate_fn=collate, drop_last=True)
     loader = accelerator.prepare_data_loader(loader)
@@ -172,9 +174,9 @@ def _eval_metrics(logratios: torch.Tensor, labels: torch.Tensor | None, beta: fl
 
 
 @torch.no_grad()
-def evaluate(task, model, cfg: TrainConfig, accelerator: Accelerator, step: int = 0) -> dict[str, float]:
+def evaluate(task: Task, model, cfg: TrainConfig, accelerator: Accelerator, step: int = 0) -> dict[str, float]:
     """Held-out loss and reward metrics; plus, for a task that generates samples (diffusion), their scores."""
-    samples = task.sample_and_score(model, step) if hasattr(task, "sample_and_score") else {}
+    samples = task.sample_and_score(model, step)
     if task.eval is None:
         return samples
     model.eval()
@@ -281,111 +283,173 @@ def train(
 
 
 def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict, callbacks: list) -> Path:
-    # a missing model or an unwritable output_dir stops here, before anything is written
-    source = check_paths(cfg, model_given=given["model"] is not None, data_given=given["train_dataset"] is not None)
-    out = Path(cfg.output_dir)
+    run = _Run(cfg, stop, given, callbacks)
+    run.resume(resume)
+    if run.state["step"] == 0:
+        run.log(evaluate(run.task, run.model, cfg, run.accelerator), 0)
+    run.start_steps()
+    while run.state["step"] < run.max_steps:
+        run.step()
+    return run.finish()
+
+
+def _make_accelerator(cfg: TrainConfig, trackers: list[str], out: Path) -> Accelerator:
     # Several processes and no GPU (e.g. `accelerate launch --multi_gpu --num_processes 2` on a
     # CPU machine): ask Accelerate for its multi-CPU (gloo) mode instead of silently running alone.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    trackers = [t for t in cfg.report_to if t != "none"]
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=multi_cpu,
         mixed_precision=cfg.mixed_precision,  # None: the launcher's (ACCELERATE_MIXED_PRECISION) or config file's
         log_with=trackers or None,
         project_dir=str(out),
     )
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    set_seed(cfg.seed)
-    task = build_task(cfg, accelerator, source, given)
-    accum = cfg.gradient_accumulation_steps
-    size = len(task.train)
-    labels = task.train.labels if cfg.rpo.balance_unpaired else None  # unpaired rows: balanced batches
 
-    def order(epoch: int) -> list[int]:
-        return epoch_order(size, cfg.seed, epoch, labels, cfg.batch_size)
 
-    per_epoch = len(order(0)) // (cfg.batch_size * accelerator.num_processes)
-    if per_epoch < accum:
-        raise ConfigError(
-            f"dataset: {size} rows give fewer than {accum} batches of {cfg.batch_size} per process; "
-            "lower batch_size or gradient_accumulation_steps, or add rows"
-        )
-    max_steps = cfg.max_steps or math.ceil((cfg.num_epochs or DEFAULT_EPOCHS) * (per_epoch // accum))
-    if cfg.max_steps is None:
-        logger.info("%d steps: %s epochs of %d steps", max_steps, cfg.num_epochs or DEFAULT_EPOCHS, per_epoch // accum)
-    model = task.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params)
-    # Not prepared: Accelerate would step a prepared scheduler once per process.
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=max_steps)  # fmt: skip
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    for extra in getattr(task, "checkpoint_objects", list)():  # e.g. the diffusion EMA
-        accelerator.register_for_checkpointing(extra)
-    checkpointer = Checkpointer(accelerator, out / "checkpoints", cfg.keep_checkpoints)
+class _Run:
+    """One training run; ``_train`` calls its phases in order: setup (``__init__``), :meth:`resume`,
+    :meth:`start_steps`, :meth:`step` until ``max_steps``, :meth:`finish`.
 
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "scaler_skipped_steps": 0}
-    pending = {"sums": {}, "count": 0}
-    if resume:
-        ckpt = find_checkpoint(out, resume, main_process=accelerator.is_main_process)
-        check_weights_only(ckpt)
-        accelerator.load_state(str(ckpt))
-        state.update(json.loads((ckpt / STATE_FILE).read_text()))
-        pending = state.pop("pending_metrics", pending)
-        if accelerator.is_main_process:  # what comes after the checkpoint is logged again
-            rewind_metrics(out / "metrics.jsonl", state["step"])
-        accelerator.print(f"resumed from {ckpt} at step {state['step']}")
-    if accelerator.is_main_process and not resume and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    if trackers:
-        accelerator.init_trackers("mmpref", config=_flat(to_dict(cfg)))
+    ``state`` is the trainer state a checkpoint stores; ``sums`` / ``count`` the open log window's metric
+    sums and micro-batch count; ``units`` what the task counts, for the throughput report.
+    """
 
-    def log(values: dict, step: int) -> None:
-        if trackers:
-            accelerator.log(values, step=step)
+    # -- setup: accelerator, task, schedule length, optimizer and scheduler --------------------------
+    def __init__(self, cfg: TrainConfig, stop: _StopRequest, given: dict, callbacks: list):
+        self.cfg, self.stop, self.callbacks = cfg, stop, callbacks
+        # a missing model or an unwritable output_dir stops here, before anything is written
+        self.source = check_paths(cfg, model_given=given["model"] is not None,
+                                  data_given=given["train_dataset"] is not None)  # fmt: skip
+        self.out = out = Path(cfg.output_dir)
+        self.trackers = [t for t in cfg.report_to if t != "none"]
+        self.accelerator = accelerator = _make_accelerator(cfg, self.trackers, out)
         if accelerator.is_main_process:
-            with open(out / "metrics.jsonl", "a") as f:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        set_seed(cfg.seed)
+        self.task: Task = build_task(cfg, accelerator, self.source, given)
+        self.accum = cfg.gradient_accumulation_steps
+        # unpaired rows: balanced batches
+        self.labels = self.task.train.labels if cfg.rpo.balance_unpaired else None
+        self.max_steps = self._schedule_length()
+        model = self.task.model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(cfg, self.params)
+        # Not prepared: Accelerate would step a prepared scheduler once per process.
+        self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=self.max_steps)  # fmt: skip
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
+        for extra in self.task.checkpoint_objects():  # e.g. the diffusion EMA
+            accelerator.register_for_checkpointing(extra)
+        self.checkpointer = Checkpointer(accelerator, out / "checkpoints", cfg.keep_checkpoints)
+
+    def order(self, epoch: int) -> list[int]:
+        return epoch_order(len(self.task.train), self.cfg.seed, epoch, self.labels, self.cfg.batch_size)
+
+    def _schedule_length(self) -> int:
+        """``max_steps``, or the optimizer steps of ``num_epochs`` passes over the training rows."""
+        cfg, accum, size = self.cfg, self.accum, len(self.task.train)
+        per_epoch = len(self.order(0)) // (cfg.batch_size * self.accelerator.num_processes)
+        if per_epoch < accum:
+            raise ConfigError(
+                f"dataset: {size} rows give fewer than {accum} batches of {cfg.batch_size} per process; "
+                "lower batch_size or gradient_accumulation_steps, or add rows"
+            )
+        max_steps = cfg.max_steps or math.ceil((cfg.num_epochs or DEFAULT_EPOCHS) * (per_epoch // accum))
+        if cfg.max_steps is None:
+            logger.info("%d steps: %s epochs of %d steps", max_steps, cfg.num_epochs or DEFAULT_EPOCHS,
+                        per_epoch // accum)  # fmt: skip
+        return max_steps
+
+    # -- resume ------------------------------------------------------------------------------------
+    def resume(self, resume: str | None) -> None:
+        """The state of the checkpoint ``resume`` names, or a fresh one; then the trackers start."""
+        accelerator, out = self.accelerator, self.out
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "scaler_skipped_steps": 0}
+        pending = {"sums": {}, "count": 0}
+        if resume:
+            ckpt = find_checkpoint(out, resume, main_process=accelerator.is_main_process)
+            check_weights_only(ckpt)
+            accelerator.load_state(str(ckpt))
+            self.state.update(json.loads((ckpt / STATE_FILE).read_text()))
+            pending = self.state.pop("pending_metrics", pending)
+            if accelerator.is_main_process:  # what comes after the checkpoint is logged again
+                rewind_metrics(out / "metrics.jsonl", self.state["step"])
+            accelerator.print(f"resumed from {ckpt} at step {self.state['step']}")
+        if accelerator.is_main_process and not resume and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+        if self.trackers:
+            accelerator.init_trackers("mmpref", config=_flat(to_dict(self.cfg)))
+        # a resumed run completes the log window it stopped in
+        self.sums: dict[str, float] = dict(pending["sums"])
+        self.count: int = pending["count"]
+
+    def log(self, values: dict, step: int) -> None:
+        if self.trackers:
+            self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
-            for callback in callbacks:
+            for callback in self.callbacks:
                 callback.on_log(step, values)
 
-    if state["step"] == 0:
-        log(evaluate(task, model, cfg, accelerator), 0)
+    def start_steps(self) -> None:
+        """The batch iterator at the resumed position, the gradient checks, the progress bar, the signals."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        self.batches = _batches(self.task.collate_train, self.order(state["epoch"]), cfg.batch_size,
+                                state["batch_in_epoch"], accelerator)  # fmt: skip
+        self.scale = accelerator.num_processes if cfg.rpo.global_batch and cfg.loss.type == "rpo" else 1
+        self.units, self.t0 = 0, time.perf_counter()
+        # Gradients are checked here unless a loss scaler owns overflow: fp16's GradScaler skips those steps
+        # itself; DeepSpeed keeps the gradients inside its engine and steps inside backward.
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.check_grads = accelerator.scaler is None and not deepspeed
+        if deepspeed and cfg.nonfinite == "skip":
+            raise ConfigError("nonfinite: skip cannot skip DeepSpeed's steps (its engine steps inside backward)")
+        self.bar = progress(total=self.max_steps, initial=state["step"], desc="train", accelerator=accelerator)
+        self.model.train()
+        self.stop.arm()
 
-    it = _batches(task, task.collate_train, order(state["epoch"]), cfg.batch_size, state["batch_in_epoch"],
-                  accelerator)  # fmt: skip
-    scale = accelerator.num_processes if cfg.rpo.global_batch and cfg.loss.type == "rpo" else 1
-    sums: dict[str, float] = dict(pending["sums"])  # a resumed run completes the log window it stopped in
-    count, units, t0 = pending["count"], 0, time.perf_counter()
-    # Gradients are checked here unless a loss scaler owns overflow: fp16's GradScaler skips those steps
-    # itself; DeepSpeed keeps the gradients inside its engine and steps inside backward.
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    check_grads = accelerator.scaler is None and not deepspeed
-    if deepspeed and cfg.nonfinite == "skip":
-        raise ConfigError("nonfinite: skip cannot skip DeepSpeed's steps (its engine steps inside backward)")
-    bar = progress(total=max_steps, initial=state["step"], desc="train", accelerator=accelerator)
-    model.train()
-    stop.arm()
-    while state["step"] < max_steps:
+    # -- one optimizer step ------------------------------------------------------------------------
+    def step(self) -> None:
+        """Accumulate, check, vote, apply, log; then evaluate, checkpoint or stop as due."""
+        step_sums, step_rows, bad_loss = self._accumulate()
+        grad_norm, problem = self._check_gradients(bad_loss, step_rows)
+        problem, interrupted = self._vote(problem, step_rows)
+        self.state["step"] += 1
+        step = self.state["step"]
+        self._apply(problem, grad_norm, step_sums, step)
+        self.bar.update(1)
+        if step % self.cfg.log_every == 0 or step == self.max_steps:
+            self._log_window(step)
+        self._step_boundary(step, interrupted)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        state = self.state
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            self.batches = _batches(self.task.collate_train, self.order(state["epoch"]), self.cfg.batch_size, 0,
+                                    self.accelerator)  # fmt: skip
+            batch = next(self.batches)
+        state["batch_in_epoch"] += 1
+        return batch
+
+    def _accumulate(self) -> tuple[dict[str, float], list[int], tuple[str, list[int]] | None]:
+        """Forward and backward of the step's micro-batches: their summed metrics, their dataset rows, and
+        the first non-finite loss or log-prob (what, and the micro-batch's rows), if any."""
+        cfg, accelerator, model, accum = self.cfg, self.accelerator, self.model, self.accum
         step_sums: dict[str, float] = {}
         step_rows: list[int] = []
         bad_loss = None
         for micro in range(accum):
-            try:
-                batch = next(it)
-            except StopIteration:
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-                it = _batches(task, task.collate_train, order(state["epoch"]), cfg.batch_size, 0, accelerator)
-                batch = next(it)
-            state["batch_in_epoch"] += 1
+            batch = self._next_batch()
             sync = micro == accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    rows: Rows = task.rows(model, batch)
+                    rows: Rows = self.task.rows(model, batch)
                     if cfg.rpo.global_batch:
                         rows = gather_rows(rows, accelerator)
                     rows, bad_rows = _zero_nonfinite(rows)
@@ -397,112 +461,144 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict
                     bad_loss = (f"non-finite loss {out_loss.loss.item()} in micro-batch {micro}",
                                 batch["row_index"].tolist())  # fmt: skip
                 # backward even so: under DDP every process must join the gradient all-reduce
-                accelerator.backward(out_loss.loss * scale / accum)
+                accelerator.backward(out_loss.loss * self.scale / accum)
             step_rows += batch["row_index"].tolist()
             for k, v in {"loss": out_loss.loss.detach(), **out_loss.metrics}.items():
                 step_sums[k] = step_sums.get(k, 0.0) + float(v)
-            units += task.count_units(batch)
+            self.units += self.task.count_units(batch)
+        return step_sums, step_rows, bad_loss
+
+    def _check_gradients(self, bad_loss: tuple[str, list[int]] | None, step_rows: list[int]):
+        """Clip (or just measure) the gradient norm; the step's problem: a bad loss, else a non-finite norm."""
         grad_norm = None
-        if cfg.max_grad_norm:
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        elif check_grads:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if self.cfg.max_grad_norm:
+            grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        elif self.check_grads:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         problem = bad_loss
-        if problem is None and check_grads and grad_norm is not None and not torch.isfinite(grad_norm):
+        if problem is None and self.check_grads and grad_norm is not None and not torch.isfinite(grad_norm):
             problem = (f"non-finite gradient (norm {float(grad_norm)}) from a finite loss", step_rows)
-        interrupted = stop.signal_name is not None
+        return grad_norm, problem
+
+    def _vote(self, problem: tuple[str, list[int]] | None, step_rows: list[int]):
+        """The problem and the stop request of any process, known to all: (problem, interrupted)."""
+        interrupted = self.stop.signal_name is not None
+        accelerator = self.accelerator
         if accelerator.num_processes > 1:  # every process takes the same decisions
             flags = torch.tensor([problem is not None, interrupted], dtype=torch.float32)
             flags = accelerator.reduce(flags.to(accelerator.device), "sum")
             if problem is None and flags[0] > 0:
                 problem = ("non-finite loss or gradient on another process", step_rows)
             interrupted = bool(flags[1] > 0)
-        state["step"] += 1
-        step = state["step"]
+        return problem, interrupted
+
+    def _apply(self, problem: tuple[str, list[int]] | None, grad_norm, step_sums: dict[str, float],
+               step: int) -> None:  # fmt: skip
+        """Skip the step (or stop) on a problem; else step the optimizer, and the schedule and the task's
+        hook unless the loss scaler skipped it, and add the step's metrics to the log window."""
+        state, optimizer = self.state, self.optimizer
         if problem is not None:
             optimizer.zero_grad(set_to_none=True)
-            _skip_or_stop(problem, step, state, cfg, accelerator)
+            _skip_or_stop(problem, step, state, self.cfg, self.accelerator)
+            return
+        optimizer.step()
+        if self.accelerator.optimizer_step_was_skipped:  # GradScaler overflow: its business, lr waits too
+            state["scaler_skipped_steps"] += 1
         else:
-            optimizer.step()
-            if accelerator.optimizer_step_was_skipped:  # GradScaler overflow: its business, lr waits too
-                state["scaler_skipped_steps"] += 1
-            else:
-                scheduler.step()
-                if hasattr(task, "after_optimizer_step"):
-                    task.after_optimizer_step(model)
-                if accelerator.is_main_process:
-                    for callback in callbacks:
-                        callback.on_step_end(step, model)
-                if grad_norm is not None:
-                    step_sums["grad_norm"] = float(grad_norm) * accum
-                for k, v in step_sums.items():  # skipped steps stay out of the logged means
-                    sums[k] = sums.get(k, 0.0) + v
-                count += accum
-            optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == max_steps:
-            means = {k: v / count for k, v in sums.items()} if count else {}
-            if means:
-                means = accelerator.reduce(_tensor(means, accelerator), "mean")
-                means = {k: v.item() for k, v in means.items()}
-            means["lr"] = scheduler.get_last_lr()[0]
-            if cfg.nonfinite == "skip":
-                means["skipped_steps"] = state["skipped_steps"]
-            if accelerator.scaler is not None:
-                means["scaler_skipped_steps"] = state["scaler_skipped_steps"]
-            bar.set_postfix(
-                loss=f"{means.get('loss', math.nan):.4f}",
-                acc=f"{means.get('rewards/accuracies', math.nan):.2f}",
-            )
-            log(means, step)
-            sums, count = {}, 0
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != max_steps:
-            log(evaluate(task, model, cfg, accelerator, step), step)
+            self.scheduler.step()
+            self.task.after_optimizer_step(self.model)
+            if self.accelerator.is_main_process:
+                for callback in self.callbacks:
+                    callback.on_step_end(step, self.model)
+            if grad_norm is not None:
+                step_sums["grad_norm"] = float(grad_norm) * self.accum
+            for k, v in step_sums.items():  # skipped steps stay out of the logged means
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.count += self.accum
+        optimizer.zero_grad(set_to_none=True)
+
+    def _log_window(self, step: int) -> None:
+        """Log the means of the window's metrics (over the processes), then open a new window."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        means = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        if means:
+            means = accelerator.reduce(_tensor(means, accelerator), "mean")
+            means = {k: v.item() for k, v in means.items()}
+        means["lr"] = self.scheduler.get_last_lr()[0]
+        if cfg.nonfinite == "skip":
+            means["skipped_steps"] = state["skipped_steps"]
+        if accelerator.scaler is not None:
+            means["scaler_skipped_steps"] = state["scaler_skipped_steps"]
+        self.bar.set_postfix(
+            loss=f"{means.get('loss', math.nan):.4f}",
+            acc=f"{means.get('rewards/accuracies', math.nan):.2f}",
+        )
+        self.log(means, step)
+        self.sums, self.count = {}, 0
+
+    def _step_boundary(self, step: int, interrupted: bool) -> None:
+        """Evaluate and checkpoint when due; after a signal, checkpoint and raise TrainingInterrupted."""
+        cfg, accelerator = self.cfg, self.accelerator
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != self.max_steps:
+            self.log(evaluate(self.task, self.model, cfg, accelerator, step), step)
         if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
-            checkpoint = checkpointer.save(_checkpoint_state(state, sums, count, accelerator))
+            checkpoint = self.checkpointer.save(_checkpoint_state(self.state, self.sums, self.count, accelerator))
         if interrupted:
-            bar.close()
+            self.bar.close()
             accelerator.end_training()
-            raise TrainingInterrupted(stop.signal_name or "a signal on another process", step, checkpoint)
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    if hasattr(task, "finalize"):  # e.g. EMA weights in place of the trained ones
-        task.finalize(model)
-    final_eval = evaluate(task, model, cfg, accelerator, state["step"])
-    log(final_eval, state["step"])
-    final = out / "final"
-    accelerator.wait_for_everyone()
-    # FSDP / ZeRO-3: the weights are sharded; every process takes part in gathering them for the save
-    full_state = accelerator.get_state_dict(model) if sharding(accelerator) in ("zero3", "fsdp") else None
-    if accelerator.is_main_process:  # final/ appears complete or not at all
+            raise TrainingInterrupted(self.stop.signal_name or "a signal on another process", step, checkpoint)
+
+    # -- the end: final evaluation, final/, summary, upload ------------------------------------------
+    def finish(self) -> Path:
+        cfg, accelerator, model, state = self.cfg, self.accelerator, self.model, self.state
+        self.bar.close()
+        elapsed = time.perf_counter() - self.t0
+        self.task.finalize(model)  # e.g. EMA weights in place of the trained ones
+        final_eval = evaluate(self.task, model, cfg, accelerator, state["step"])
+        self.log(final_eval, state["step"])
+        final = self.out / "final"
+        accelerator.wait_for_everyone()
+        # FSDP / ZeRO-3: the weights are sharded; every process takes part in gathering them for the save
+        full_state = accelerator.get_state_dict(model) if sharding(accelerator) in ("zero3", "fsdp") else None
+        if accelerator.is_main_process:
+            self._save_final(final, full_state, final_eval)
+            self._write_summary(final_eval, elapsed)
+        accelerator.end_training()
+        if cfg.push_to_hub and accelerator.is_main_process:  # last: a failed upload leaves the run complete on disk
+            push_to_hub(final, cfg)
+        if accelerator.is_main_process:
+            for callback in self.callbacks:
+                callback.on_train_end(final)
+        return final
+
+    def _save_final(self, final: Path, full_state: dict | None, final_eval: dict[str, float]) -> None:
+        """The model and its card into ``final`` (main process), which appears complete or not at all."""
+        cfg, accelerator, task, out = self.cfg, self.accelerator, self.task, self.out
         staging = out / ".tmp-final"
         shutil.rmtree(staging, ignore_errors=True)
-        task.save(accelerator.unwrap_model(model), staging, state_dict=full_state)
+        task.save(accelerator.unwrap_model(self.model), staging, state_dict=full_state)
         # after save: peft's save_pretrained writes a README.md of its own
-        write_model_card(staging, cfg, source, final_eval, diffusion=task.unit == "images", steps=state["step"],
-                         processes=accelerator.num_processes, sdxl=getattr(task, "is_sdxl", False),
+        write_model_card(staging, cfg, self.source, final_eval, diffusion=task.modality == "diffusion",
+                         steps=self.state["step"], processes=accelerator.num_processes, sdxl=task.is_sdxl,
                          location=cfg.hub_model_id if cfg.push_to_hub else str(final),
-                         model=accelerator.unwrap_model(model))  # fmt: skip
+                         model=accelerator.unwrap_model(self.model))  # fmt: skip
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
+
+    def _write_summary(self, final_eval: dict[str, float], elapsed: float) -> None:
+        """``summary.json`` and its printed line (main process): time, throughput, memory, skips, final metrics."""
+        accelerator, state, unit = self.accelerator, self.state, self.task.unit
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        summary = {"train_seconds": round(elapsed, 2), f"{task.unit}_per_second": round(units / max(elapsed, 1e-9), 1),
+        summary = {"train_seconds": round(elapsed, 2), f"{unit}_per_second": round(self.units / max(elapsed, 1e-9), 1),
                    "peak_gpu_memory_gib": peak, "peak_host_rss_gib": peak_host_rss_gib(),
                    "skipped_steps": state["skipped_steps"], "steps": state["step"],
                    "mixed_precision": accelerator.mixed_precision, **final_eval}  # fmt: skip
         if accelerator.scaler is not None:
             summary["scaler_skipped_steps"] = state["scaler_skipped_steps"]
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))
-        accelerator.print(summary_line(summary, task.unit, state["step"]))
-    accelerator.end_training()
-    if cfg.push_to_hub and accelerator.is_main_process:  # last: a failed upload leaves the run complete on disk
-        push_to_hub(final, cfg)
-    if accelerator.is_main_process:
-        for callback in callbacks:
-            callback.on_train_end(final)
-    return final
+        accelerator.print(summary_line(summary, unit, state["step"]))
 
 
 def _tensor(values: dict[str, float], accelerator: Accelerator) -> dict[str, torch.Tensor]:

@@ -148,9 +148,10 @@ def write_model_card(folder: Path, cfg: TrainConfig, source: ModelSource | None,
     """
     folder = Path(folder)
     lora_targets: list[str] = []
-    if cfg.lora is not None:  # as applied: the diffusion task swaps the LM default names for the UNet's
+    if cfg.lora is not None:  # as applied (the default targets depend on the modality)
         adapter = getattr(model, "peft_config", {}).get("default")
-        lora_targets = sorted(adapter.target_modules if adapter is not None else cfg.lora.target_modules)
+        targets = adapter.target_modules if adapter is not None else cfg.lora.targets("diffusion" if diffusion else "text")
+        lora_targets = sorted(targets)
     hub = source is not None and source.is_hub
     base_name = source.name if source is not None else cfg.model
     base_args = f'"{base_name}"' + (f', revision="{source.revision}"' if hub and source.revision else "")

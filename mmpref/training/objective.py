@@ -139,10 +139,10 @@ def preference_loss(loss_cfg: LossConfig, rpo_cfg: RPOConfig, rows: Rows) -> Pre
 
     if rows.metrics:
         out.metrics.update(rows.metrics)
-    pw, nw = chosen.policy_logps, chosen.lengths
-    if loss_cfg.sft_weight and pw is not None and pw.numel():
+    logps, lengths = chosen.policy_logps, chosen.lengths
+    if loss_cfg.sft_weight and logps is not None and logps.numel():
         # token-weighted, as TRL's "sft" loss: the mean NLL over every chosen token of the batch
-        nll = -(pw.sum() / nw.sum()) if nw is not None else -pw.mean()
+        nll = -(logps.sum() / lengths.sum()) if lengths is not None else -logps.mean()
         out.metrics["sft/nll"] = nll.detach()
         out.loss = out.loss + loss_cfg.sft_weight * nll
     return out

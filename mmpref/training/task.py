@@ -83,9 +83,11 @@ class Task(ABC):
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """After every optimizer step that updated the weights (not a skipped one); e.g. an EMA update."""
+        return None
 
     def finalize(self, model: nn.Module) -> None:
         """After the last step, before the final evaluation and save; e.g. EMA weights in place of the trained."""
+        return None
 
     def checkpoint_objects(self) -> list:
         """Extra state (``state_dict`` / ``load_state_dict`` objects) saved in every checkpoint, restored on resume."""

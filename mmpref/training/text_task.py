@@ -33,6 +33,7 @@ from mmpref.training.config import (
 )
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
+from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +145,11 @@ class _Split:
         return batch
 
 
-class TextTask:
+class TextTask(Task):
     """Causal-LM preference training (docs/design.md §1, §3): ℓ from summed response log-probs."""
+
+    modality = "text"
+    unit = "tokens"  # what count_units counts, for the throughput report
 
     def __init__(self, cfg: TrainConfig, accelerator, source: ModelSource | None = None,
                  model: nn.Module | None = None, tokenizer=None, train_dataset=None, eval_dataset=None):  # fmt: skip
@@ -214,7 +218,7 @@ class TextTask:
             self.model = get_peft_model(
                 self.model,
                 LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                           target_modules=lc.target_modules, task_type="CAUSAL_LM"),
+                           target_modules=lc.targets(self.modality), task_type="CAUSAL_LM"),
             )  # fmt: skip
 
     def _load(self, source: ModelSource, tokenizer=None):
@@ -311,8 +315,6 @@ class TextTask:
             labels=batch.get("labels"),
             scores=batch.get("scores"),
         )
-
-    unit = "tokens"  # what count_units counts, for the throughput report
 
     def count_units(self, batch: dict[str, Tensor]) -> int:
         """Real (non-pad) tokens: every row has one position 0 (its first token); pads sit at 0 too."""

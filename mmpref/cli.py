@@ -13,6 +13,7 @@ from pathlib import Path
 # stopped it at a step boundary after saving a checkpoint, and `--resume` continues it.
 EXIT_NONFINITE = 1
 EXIT_INTERRUPTED = 75
+TINY_SCORER_KINDS = ("pickscore", "hpsv2", "imagereward", "aesthetic")  # clipscore takes `make-tiny clip`
 QUIET_HELP = "warnings and errors only: no info messages, no progress bars (before or after the command)"
 
 
@@ -37,7 +38,11 @@ def _make_tiny(args: argparse.Namespace) -> int:
     from mmpref.testing import MAKERS, pretrain_tiny_sd15
     from mmpref.training.config import ConfigError
 
-    if args.pretrain_on is None:
+    if args.kind in TINY_SCORER_KINDS:  # a scorer in its authors' layout, for `mmpref eval images` demos
+        from mmpref.metrics.testing import TINY_SCORERS
+
+        path = TINY_SCORERS[args.kind](args.out_dir, seed=args.seed)
+    elif args.pretrain_on is None:
         path = MAKERS[args.kind](args.out_dir, seed=args.seed)
     else:  # a tiny SD 1.5 whose UNet already denoises the task's images: a reference worth aligning
         import tempfile
@@ -74,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("make-tiny", help="write a tiny random model folder (for demos and tests)")
-    p.add_argument("kind", choices=["lm", "sd15", "sdxl", "clip"])
+    p.add_argument("kind", choices=["lm", "sd15", "sdxl", "clip", *TINY_SCORER_KINDS])
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-on", type=Path, default=None, metavar="DATASET",

@@ -1,9 +1,11 @@
-"""Evaluation metrics: style alignment of generated images (docs/design.md §9).
+"""Evaluation metrics: preference scorers and win rates (docs/evaluation.md), style alignment (docs/design.md §9).
 
-Pure functions over embeddings live in :mod:`mmpref.metrics.style`; :mod:`mmpref.metrics.clip_embedder`
-turns image files and texts into embeddings (open_clip, cached); :mod:`mmpref.metrics.report` scores folders
-and holds the ``style-score`` / ``compare-style`` CLI commands. Importing this package loads neither open_clip
-nor any weights.
+:mod:`mmpref.metrics.stats` holds the statistics every evaluation uses (bootstrap intervals, win rates with
+ties ½); :mod:`mmpref.metrics.scorers` the image preference scorers (PickScore, HPSv2, ImageReward, the LAION
+aesthetic predictor, CLIP score) and :mod:`mmpref.metrics.evaluate` the ``mmpref eval`` commands. Pure functions
+over embeddings live in :mod:`mmpref.metrics.style`; :mod:`mmpref.metrics.clip_embedder` turns image files and
+texts into embeddings (open_clip, cached); :mod:`mmpref.metrics.report` scores folders and holds the
+``style-score`` / ``compare-style`` CLI commands. Importing this package loads neither open_clip nor any weights.
 """
 
 from mmpref.metrics.clip_embedder import (
@@ -21,14 +23,9 @@ from mmpref.metrics.report import (
     compare_style,
     evaluate_style,
 )
-from mmpref.metrics.style import (
-    MetricResult,
-    bootstrap_ci,
-    content_score,
-    style_accuracy,
-    style_score,
-    win_rate,
-)
+from mmpref.metrics.scorers import SCORERS, Scorer, load_scorer
+from mmpref.metrics.stats import MetricResult, bootstrap_ci, mean_with_ci, win_rate
+from mmpref.metrics.style import content_score, style_accuracy, style_score
 
 __all__ = [
     "BadImageError",
@@ -37,6 +34,8 @@ __all__ = [
     "EmbedderError",
     "FeatureEmbedder",
     "MetricResult",
+    "SCORERS",
+    "Scorer",
     "StyleInputError",
     "add_style_commands",
     "bootstrap_ci",
@@ -45,6 +44,8 @@ __all__ = [
     "embed_image_files",
     "evaluate_style",
     "list_images",
+    "load_scorer",
+    "mean_with_ci",
     "style_accuracy",
     "style_score",
     "win_rate",

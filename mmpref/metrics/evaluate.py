@@ -165,19 +165,20 @@ def evaluate_images(
     for name, scorer in scorers.items():
         ref = _score_files(scorer, [p.reference for p in pairs], prompts)
         tr = _score_files(scorer, [p.trained for p in pairs], prompts)
-        out[name] = compare_scores(name, getattr(scorer, "source", name), ref, tr, n_resamples, confidence, seed)
+        out[name] = compare_scores(
+            name, getattr(scorer, "source", name), ref, tr, n_resamples, confidence, seed
+        )
     return out
 
 
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def markdown_table(results: Mapping[str, ScorerComparison], sides: tuple[str, str] = ("reference", "trained")) -> str:
-    """One row per scorer: model, each side's mean [interval], the win rate of the second side [interval], n."""
-    any_result = next(iter(results.values()))
-    pct = f"{any_result.win_rate.confidence:.0%}"
-    head = (f"| scorer | model | {sides[0]} mean [{pct} CI] | {sides[1]} mean [{pct} CI] "
-            f"| win rate {sides[1]} vs {sides[0]} [{pct} CI] | n |")  # fmt: skip
+def markdown_table(results: Mapping[str, ScorerComparison]) -> str:
+    """One row per scorer: model, each side's mean [interval], the win rate of trained [interval], n."""
+    pct = f"{next(iter(results.values())).win_rate.confidence:.0%}"
+    head = (f"| scorer | model | reference mean [{pct} CI] | trained mean [{pct} CI] "
+            f"| win rate trained vs reference [{pct} CI] | n |")  # fmt: skip
     lines = [head, "|---|---|---:|---:|---:|---:|"]
     for name, r in results.items():
         ref, tr, w = r.reference, r.trained, r.win_rate
@@ -228,14 +229,11 @@ def _atomic_write(path: Path, write) -> None:
 # -------------------------------------------------------------------------------------------------- CLI
 
 
-def _resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def eval_images_command(args: argparse.Namespace) -> int:
     """``mmpref eval images``: score both sides, print the table, write the report, table and contact sheet."""
     from mmpref.metrics.report import StyleInputError
     from mmpref.metrics.scorers import SCORERS, load_scorer, parse_scorer_models
+    from mmpref.rdpo.generation import resolve_device
 
     if args.samples is not None and (args.reference or args.trained):
         raise StyleInputError("give a `mmpref sample` folder or --reference and --trained, not both")
@@ -259,7 +257,7 @@ def eval_images_command(args: argparse.Namespace) -> int:
         raise StyleInputError(f"--confidence must be in (0, 1), got {args.confidence}")
     pairs, only_ref, only_tr = pair_folders(reference, trained, args.prompts)
     out = Path(args.out) if args.out else trained.parent / "eval"
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     boot = {"n_resamples": args.n_resamples, "confidence": args.confidence, "seed": args.seed}
     results = {}
     for name in names:  # one scorer in memory at a time
@@ -267,8 +265,14 @@ def eval_images_command(args: argparse.Namespace) -> int:
         results.update(evaluate_images({name: scorer}, pairs, **boot))
         del scorer
     table = markdown_table(results)
-    sheet_path, table_path, report_path = out / "contact_sheet.png", out / "eval_images.md", out / "eval_images.json"
-    _atomic_write(sheet_path, lambda p: contact_sheet(pairs, results, max_rows=args.sheet_rows).save(p, format="PNG"))
+    sheet_path, table_path, report_path = (
+        out / "contact_sheet.png",
+        out / "eval_images.md",
+        out / "eval_images.json",
+    )
+    _atomic_write(
+        sheet_path, lambda p: contact_sheet(pairs, results, max_rows=args.sheet_rows).save(p, format="PNG")
+    )
     formulas = "\n".join(f"- {n}: {SCORERS[n].formula}" for n in results)
     _atomic_write(table_path, lambda p: p.write_text(
         f"{len(pairs)} prompts; trained `{trained}` vs reference `{reference}`\n\n{table}\n\n{formulas}\n",
@@ -333,7 +337,9 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     from mmpref.metrics.scorers import SCORERS
 
     p = subparsers.add_parser("eval", help="a trained model against its reference: scores, win rates, intervals",
-                              description=__doc__.split("\n\n")[0])  # fmt: skip
+                              description="A trained model against its reference on the same prompts and "
+                              "seeds: `images` with preference scorers, `text` with reward models; means, win "
+                              "rates (ties 1/2) and bootstrap intervals (docs/evaluation.md).")  # fmt: skip
     sub = p.add_subparsers(dest="eval_command", required=True)
 
     q = sub.add_parser(
@@ -345,20 +351,34 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     q.add_argument("samples", nargs="?", type=Path, default=None,
                    help="a `mmpref sample` output folder (reference/ and trained/, each with prompts.jsonl)")  # fmt: skip
-    q.add_argument("--reference", type=Path, default=None, metavar="DIR", help="reference images (instead of SAMPLES)")
-    q.add_argument("--trained", type=Path, default=None, metavar="DIR", help="trained images, same file names")
+    q.add_argument(
+        "--reference", type=Path, default=None, metavar="DIR", help="reference images (instead of SAMPLES)"
+    )
+    q.add_argument(
+        "--trained", type=Path, default=None, metavar="DIR", help="trained images, same file names"
+    )
     q.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                    help="prompts by file name (.json/.jsonl) or one a line in file order; default: the folders' "
                         "prompts.jsonl")  # fmt: skip
-    q.add_argument("--scorers", required=True, metavar="NAMES", help=f"comma-separated, from: {', '.join(SCORERS)}")
+    q.add_argument(
+        "--scorers", required=True, metavar="NAMES", help=f"comma-separated, from: {', '.join(SCORERS)}"
+    )
     q.add_argument("--scorer-model", action="append", default=[], metavar="NAME=MODEL",
                    help="a scorer's model: hub id ORG/NAME[@rev], folder or checkpoint file (repeatable); default: "
                         "the authors' published weights (docs/evaluation.md)")  # fmt: skip
-    q.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: <samples>/eval)")
-    q.add_argument("--device", default="auto", metavar="DEV", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    q.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="output folder (default: <samples>/eval)"
+    )
+    q.add_argument(
+        "--device", default="auto", metavar="DEV", help="cpu, cuda, cuda:1 (default: cuda if available)"
+    )
     q.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per scorer forward pass")
-    q.add_argument("--n-resamples", type=int, default=DEFAULT_RESAMPLES, metavar="N", help="bootstrap resamples")
-    q.add_argument("--confidence", type=float, default=0.95, metavar="P", help="interval level (default 0.95)")
+    q.add_argument(
+        "--n-resamples", type=int, default=DEFAULT_RESAMPLES, metavar="N", help="bootstrap resamples"
+    )
+    q.add_argument(
+        "--confidence", type=float, default=0.95, metavar="P", help="interval level (default 0.95)"
+    )
     q.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     q.add_argument("--sheet-rows", type=int, default=16, metavar="N", help="pairs on the contact sheet")
     q.set_defaults(func=_user_errors(eval_images_command))

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from mmpref.errors import ConfigError
-from mmpref.hub import TRANSFORMERS, open_clip_name, resolve_model, split_revision
+from mmpref.hub import TRANSFORMERS, open_clip_name, resolve_model
 
 __all__ = [
     "SCORERS",
@@ -58,13 +58,14 @@ __all__ = [
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation (clip/clip.py:_transform)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the processor of PickScore's README
-HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # hpsv2/utils.py:hps_version_map
+# hpsv2/utils.py:hps_version_map
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HPS_ARCH = "ViT-H-14"  # hpsv2/img_score.py: create_model_and_transforms('ViT-H-14', ...)
-IMAGEREWARD_FILES = ("ImageReward.pt", "med_config.json")
 IMAGEREWARD_TOKENIZER = "bert-base-uncased"  # models/BLIP/blip.py:init_tokenizer
 AESTHETIC_FILES = ("aesthetic-model.pth", "sac+logos+ava1-l14-linearMSE.pth")
 AESTHETIC_CLIP = "openai/clip-vit-large-patch14"  # OpenAI's ViT-L/14 (clip.load("ViT-L/14")) for transformers
 TOKENIZER_FILES = ("tokenizer_config.json", "vocab.txt", "tokenizer.json")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # transformers 5 / earlier
 
 
 class Scorer:
@@ -117,7 +118,9 @@ def _features(out) -> Tensor:
     return out if isinstance(out, Tensor) else out.pooler_output
 
 
-def clip_transform(size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD):
+def clip_transform(
+    size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD
+):
     """OpenAI CLIP's ``clip/clip.py:_transform(n_px)``: Resize(n_px, bicubic) of the shorter side (on the PIL
     image), CenterCrop(n_px), ToTensor, Normalize(mean, std). ImageReward's ``_transform`` is the same."""
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
@@ -170,11 +173,11 @@ class PickScore(Scorer):
 
         super().__init__(model, device, batch_size)
         source = resolve_model("pickscore", model, markers=TRANSFORMERS, what="a CLIPModel (PickScore)")
-        if processor is None:  # transformers 5 saves processor_config.json, older versions preprocessor_config.json
-            own = any(source.file(f) is not None for f in ("processor_config.json", "preprocessor_config.json"))
+        if processor is None:
+            own = any(source.file(f) is not None for f in PROCESSOR_FILES)
             processor = model if own else PICKSCORE_PROCESSOR
-        name, revision = split_revision(processor)
-        self.processor = AutoProcessor.from_pretrained(name, revision=revision, backend="pil")
+        proc = resolve_model("pickscore", processor, markers=PROCESSOR_FILES, what="a CLIPProcessor")
+        self.processor = AutoProcessor.from_pretrained(proc.name, **proc.kwargs, backend="pil")
         self.model = CLIPModel.from_pretrained(source.name, **source.kwargs).eval().to(self.device)
 
     def _score_batch(self, images: list, prompts: list[str]) -> Tensor:
@@ -283,9 +286,10 @@ class ImageReward(Scorer):
                 raise ConfigError(f"imagereward: {model} has med_config.json but no ImageReward.pt")
         folder = checkpoint.parent
         if tokenizer is None:
-            tokenizer = str(folder) if any((folder / f).is_file() for f in TOKENIZER_FILES) else IMAGEREWARD_TOKENIZER
-        name, revision = split_revision(tokenizer)
-        self.tokenizer = load_imagereward_tokenizer(name, revision)
+            own = any((folder / f).is_file() for f in TOKENIZER_FILES)
+            tokenizer = str(folder) if own else IMAGEREWARD_TOKENIZER
+        tok = resolve_model("imagereward", tokenizer, markers=TOKENIZER_FILES, what="a BERT tokenizer")
+        self.tokenizer = load_imagereward_tokenizer(tok.name, tok.revision)
         self.model = model_from_checkpoint(checkpoint, med_config, self.tokenizer).to(self.device)
         size = self.model.visual_encoder.config.image_size
         self.preprocess = clip_transform(size)
@@ -398,8 +402,12 @@ SCORERS: dict[str, ScorerSpec] = {
     "hpsv2": ScorerSpec(partial(HPSv2, version="v2.0"), "xswu/HPSv2", "cos(img, text), HPS v2.0"),
     "hpsv21": ScorerSpec(partial(HPSv2, version="v2.1"), "xswu/HPSv2", "cos(img, text), HPS v2.1"),
     "imagereward": ScorerSpec(ImageReward, "THUDM/ImageReward", "(MLP(BLIP(img, text)) − 0.1672) / 1.0333"),
-    "aesthetic": ScorerSpec(AestheticScore, "trl-lib/ddpo-aesthetic-predictor", "MLP(img / ‖img‖), CLIP ViT-L/14"),
-    "clipscore": ScorerSpec(CLIPScore, "timm/vit_large_patch14_clip_224.openai", "100·max(cos(img, text), 0)"),
+    "aesthetic": ScorerSpec(
+        AestheticScore, "trl-lib/ddpo-aesthetic-predictor", "MLP(img / ‖img‖), CLIP ViT-L/14"
+    ),
+    "clipscore": ScorerSpec(
+        CLIPScore, "timm/vit_large_patch14_clip_224.openai", "100·max(cos(img, text), 0)"
+    ),
 }
 
 
@@ -422,6 +430,8 @@ def parse_scorer_models(items: Sequence[str]) -> dict[str, str]:
         if not sep or not value:
             raise ConfigError(f"--scorer-model: expected NAME=MODEL, got {item!r}")
         if name.strip() not in SCORERS:
-            raise ConfigError(f"--scorer-model: unknown scorer {name.strip()!r}; choose from {', '.join(SCORERS)}")
+            raise ConfigError(
+                f"--scorer-model: unknown scorer {name.strip()!r}; choose from {', '.join(SCORERS)}"
+            )
         models[name.strip()] = value.strip()
     return models

@@ -75,7 +75,9 @@ def make_tiny_hpsv2(out_dir: str | Path, seed: int = 0) -> Path:
 
 def _write_bert_vocab(folder: Path) -> Path:
     """A WordPiece ``vocab.txt``: BERT's specials, every character (plain and ``##``), the corpus' words."""
-    words = sorted({w for line in tiny_corpus() for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]", line.lower())})
+    words = sorted(
+        {w for line in tiny_corpus() for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]", line.lower())}
+    )
     chars = sorted({c for w in words for c in w})
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *words]
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,9 @@ def make_tiny_imagereward(out_dir: str | Path, seed: int = 0) -> Path:
             state["blip." + key] = value
         else:
             state[key] = value
-    state["blip.vision_proj.weight"] = torch.zeros(256, width)  # in the published checkpoint, unused by score()
+    state["blip.vision_proj.weight"] = torch.zeros(
+        256, width
+    )  # in the published checkpoint, unused by score()
     state["blip.text_proj.weight"] = torch.zeros(256, 32)
     torch.save(state, out_dir / "ImageReward.pt")
     return out_dir
@@ -159,6 +163,7 @@ def make_tiny_aesthetic(out_dir: str | Path, seed: int = 0) -> Path:
         with torch.no_grad():
             for p in mlp.parameters():
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)  # O(1) outputs
+            mlp.layers[0].weight.mul_(10)  # a random CLIP's unit embeddings differ little between images
         return mlp
 
     torch.save(_seeded(seed + 1, build).state_dict(), out_dir / "aesthetic-model.pth")

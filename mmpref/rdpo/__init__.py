@@ -3,7 +3,7 @@
 The loss itself is ``loss.type: rdpo`` of the training loop (p = σ((s_w − s_l)/τ_r) from the
 ``score_chosen`` / ``score_rejected`` columns this package writes). Here live the three commands
 around it: ``mmpref synth`` (:func:`run_synth`), ``mmpref score`` (:func:`run_score`) and
-``mmpref eval-reward`` (:func:`run_eval_reward`).
+``mmpref eval text`` / its alias ``mmpref eval-reward`` (:func:`run_eval_text`).
 
 Names are imported on first use, so ``mmpref --help`` does not pay for transformers/datasets.
 """
@@ -21,6 +21,7 @@ _EXPORTS = {
     "RULES": "reward",
     "load_reward": "reward",
     "run_eval_reward": "reward",
+    "run_eval_text": "reward",
     "run_score": "reward",
     "win_rate": "reward",
     "run_synth": "synth",

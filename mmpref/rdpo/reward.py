@@ -464,6 +464,7 @@ def implicit_reward_accuracy(cfg: EvalRewardConfig, *, progress: bool = True) ->
 
     from mmpref.adapters.causal_lm import collate, response_logps, tokenize_row
     from mmpref.losses import tie_accuracy
+    from mmpref.progress import progress as progress_bar
 
     path = Path(cfg.preferences)
     ds = load_rows(str(path))
@@ -478,14 +479,15 @@ def implicit_reward_accuracy(cfg: EvalRewardConfig, *, progress: bool = True) ->
     rows = [tokenize_row(tokenizer, i, r["prompt"], [r["chosen"], r["rejected"]], max_length=cfg.max_length,
                          max_prompt_length=cfg.max_prompt_length) for i, r in enumerate(ds.to_list())]  # fmt: skip
     logratios = None
-    for sign, model_path in ((1.0, cfg.policy), (-1.0, cfg.reference)):
+    for sign, side_name, model_path in ((1.0, "policy", cfg.policy), (-1.0, "reference", cfg.reference)):
         name, revision = split_revision(str(model_path))
         with custom_code_guard(model_path):
             model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=TORCH_DTYPES[cfg.torch_dtype],
                                                          trust_remote_code=cfg.trust_remote_code)  # fmt: skip
         model.to(resolve_device(cfg.device)).eval()
         logps = []
-        for batch in tqdm(list(chunks(rows, cfg.generation.batch_size)), desc="log-probs", disable=not progress):
+        batches = list(chunks(rows, cfg.generation.batch_size))
+        for batch in progress_bar(batches, desc=f"log-probs {side_name}", unit="batch", disable=not progress):
             inputs = {k: v.to(model.device) for k, v in collate(batch, pad).items()}
             logps.append(response_logps(model, inputs)[0].float().cpu())
         side = sign * torch.cat(logps)  # (n, 2): chosen, rejected

@@ -59,6 +59,6 @@ def test_no_import_cycles():
 def test_every_module_imports_in_a_fresh_interpreter_in_any_order():
     names = sorted(import_graph())
     for order in (names, names[::-1]):
-        code = "import importlib\nfor n in %r:\n    importlib.import_module(n)\n" % order
+        code = f"import importlib\nfor n in {order!r}:\n    importlib.import_module(n)\n"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -18,7 +18,7 @@ _EXPORTS = {
     "ScoreConfig": "config",
     "SynthConfig": "config",
     "load_rdpo_config": "config",
-    "RULES": "reward",
+    "RULES": "config",
     "load_reward": "reward",
     "run_eval_reward": "reward",
     "run_eval_text": "reward",

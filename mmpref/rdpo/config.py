@@ -31,6 +31,13 @@ DEFAULT_REVISION = (
 )
 
 
+# the rule rewards (mmpref.rdpo.reward.RuleReward), by name: what each one counts
+RULES = {
+    "polite": "number of distinct politeness markers present minus number of distinct rude markers present",
+    "keyword": "number of distinct rule.keywords present minus number of distinct rule.forbidden present",
+}
+
+
 @dataclass
 class GenerationConfig:
     """Sampling for ``model.generate`` (left-padded batches)."""
@@ -161,8 +168,6 @@ def _prompts(prompts: list[str], prompts_file: str | None) -> None:
 
 
 def _reward(key: str, value: str, rule: RuleConfig) -> None:
-    from mmpref.rdpo.reward import RULES
-
     if not value:
         raise ConfigError(
             f"{key}: required (a local reward-model folder or rule:NAME, NAME in {', '.join(RULES)})"

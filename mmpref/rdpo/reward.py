@@ -28,7 +28,7 @@ from mmpref.data.text import bad_rows_error
 from mmpref.hub import split_revision
 from mmpref.metrics.stats import MetricResult, mean_with_ci, win_outcomes
 from mmpref.metrics.stats import win_rate as stats_win_rate
-from mmpref.rdpo.config import RULE_PREFIX, EvalRewardConfig, RuleConfig, ScoreConfig
+from mmpref.rdpo.config import RULE_PREFIX, RULES, EvalRewardConfig, RuleConfig, ScoreConfig
 from mmpref.rdpo.generation import (
     TORCH_DTYPES,
     Generator,
@@ -72,10 +72,6 @@ RUDE_MARKERS = (
     "go away",
 )
 
-RULES = {
-    "polite": "number of distinct politeness markers present minus number of distinct rude markers present",
-    "keyword": "number of distinct rule.keywords present minus number of distinct rule.forbidden present",
-}
 
 
 def _pattern(phrase: str) -> re.Pattern:

@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh process (the peak RSS of a process never goes down), on synthetic
 paired rows shaped like HH / TL;DR (prompts of 40–160 words, answers of 10–80 words; a few hundred
-tokens per row with the tiny byte-level tokenizer of ``mmpref.testing.make_tiny_lm``):
+tokens per row with the tiny byte-level tokenizer of ``mmpref.tiny_models.make_tiny_lm``):
 
 * ``data``: ``TextTask`` built in one process (load, validate, tokenize, index, plus the tiny model of a
   few MiB and its reference copy); reported as the peak RSS and the RSS held afterwards, each minus the
@@ -123,7 +123,7 @@ def main() -> None:
         print(json.dumps(child(stage, Path(model), Path(data), Path(out), args.steps)))
         return
 
-    from mmpref.testing import make_tiny_lm
+    from mmpref.tiny_models import make_tiny_lm
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

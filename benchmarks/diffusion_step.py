@@ -5,7 +5,7 @@ then ``--steps`` timed ones), the same model, data and LoRA for all. The headlin
 architecture (the published ``unet`` / ``vae`` / ``text_encoder`` configs of stable-diffusion-v1-5,
 written inline below, random weights, nothing downloaded) at 512 px, LoRA (rank 4, on ``to_q, to_k,
 to_v, to_out.0``, as the diffusers example) on the UNet, a batch of one pair, fp32.
-``--tiny`` runs the same code on :func:`mmpref.testing.make_tiny_sd15` at 64 px (a smoke run: a
+``--tiny`` runs the same code on :func:`mmpref.tiny_models.make_tiny_sd15` at 64 px (a smoke run: a
 ratio from tiny configs does not count, docs/design.md §15).
 
 Contenders (all train the one LoRA UNet, each with its own AdamW over the adapters):
@@ -100,7 +100,7 @@ def build_sd15_folder(folder: Path, seed: int) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mmpref.testing import _seeded, _write_clip_tokenizer
+    from mmpref.tiny_models import _seeded, _write_clip_tokenizer
 
     tokenizer = _write_clip_tokenizer(folder / "tokenizer")
     text_cfg = CLIPTextConfig(**SD15_TEXT, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         model_dir = root / "model"
         t0 = time.perf_counter()
         if args.tiny:
-            from mmpref.testing import make_tiny_sd15
+            from mmpref.tiny_models import make_tiny_sd15
 
             make_tiny_sd15(model_dir, seed=args.seed)
         else:

@@ -35,11 +35,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from mmpref.testing import MAKERS, pretrain_tiny_sd15
+    from mmpref.tiny_models import MAKERS, pretrain_tiny_sd15
     from mmpref.training.config import ConfigError
 
     if args.kind in TINY_SCORER_KINDS:  # a scorer in its authors' layout, for `mmpref eval images` demos
-        from mmpref.metrics.testing import TINY_SCORERS
+        from mmpref.metrics.tiny_scorers import TINY_SCORERS
 
         path = TINY_SCORERS[args.kind](args.out_dir, seed=args.seed)
     elif args.pretrain_on is None:

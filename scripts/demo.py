@@ -15,7 +15,7 @@ import torch
 
 from mmpref import dpo_loss, rpo_loss
 from mmpref.metrics import FeatureEmbedder, evaluate_style
-from mmpref.testing import make_tiny_clip, make_tiny_lm, make_tiny_sd15, pretrain_tiny_sd15
+from mmpref.tiny_models import make_tiny_clip, make_tiny_lm, make_tiny_sd15, pretrain_tiny_sd15
 from mmpref.training import load_config, train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ from mmpref.cli import main
 from mmpref.data import DataError, prepare_text_dataset, validate_rows
 from mmpref.data.images import MAX_IMAGE_PIXELS, image_row_problems, prepare_image_dataset
 from mmpref.data.text import row_problems, visible
-from mmpref.testing import make_tiny_clip, make_tiny_lm
+from mmpref.tiny_models import make_tiny_clip, make_tiny_lm
 
 REPO = Path(__file__).resolve().parent.parent
 BAD = REPO / "tests" / "data" / "bad"

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmpref.adapters.causal_lm import collate, render, response_logps, tokenize_row
-from mmpref.testing import make_tiny_lm
+from mmpref.tiny_models import make_tiny_lm
 
 ROWS = [
     (

@@ -19,7 +19,7 @@ from PIL import Image
 from mmpref.data import DataError, load_rows, prepare_text_dataset
 from mmpref.data.images import prepare_image_dataset
 from mmpref.data.text import config_sources, extract_prompt
-from mmpref.testing import make_tiny_lm
+from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import load_config, train
 from tests.hub_cache import use_hub_cache, write_hub_repo
 

@@ -20,7 +20,7 @@ from mmpref.adapters.diffusion import (
 from mmpref.data import DataError
 from mmpref.data.image_task import make_image_style_task
 from mmpref.data.images import clip_embeddings, pair_pixels, prepare_image_dataset
-from mmpref.testing import make_tiny_clip, make_tiny_sd15, make_tiny_sdxl
+from mmpref.tiny_models import make_tiny_clip, make_tiny_sd15, make_tiny_sdxl
 from mmpref.training import ConfigError, load_config, train
 from mmpref.training.config import LossConfig, RPOConfig
 from mmpref.training.diffusion_task import DiffusionTask

@@ -9,7 +9,7 @@ from mmpref.cli import main
 from mmpref.data.text import prompt_embeddings
 from mmpref.errors import ConfigError
 from mmpref.hub import open_clip_name, resolve_model
-from mmpref.testing import make_tiny_clip, make_tiny_lm, make_tiny_sd15
+from mmpref.tiny_models import make_tiny_clip, make_tiny_lm, make_tiny_sd15
 from mmpref.training import load_config, train
 from tests.hub_cache import use_hub_cache, write_hub_repo
 
@@ -113,7 +113,7 @@ def test_reward_and_teacher_models_by_hub_id(hub, tmp_path):
     from mmpref.rdpo.config import _folder
     from mmpref.rdpo.generation import Generator
     from mmpref.rdpo.reward import ModelReward
-    from mmpref.rdpo.testing import make_tiny_reward_model
+    from mmpref.rdpo.tiny_models import make_tiny_reward_model
 
     folder = make_tiny_reward_model(tmp_path / "rm")
     write_hub_repo(hub, "tiny-org/rm", folder, revision="v1")

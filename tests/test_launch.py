@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mmpref.testing import make_tiny_lm
+from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import load_config, train
 from mmpref.training.config import ConfigError
 

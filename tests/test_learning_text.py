@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mmpref.testing import make_tiny_lm
+from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import load_config, train
 
 ROOT = Path(__file__).resolve().parent.parent

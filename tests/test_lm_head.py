@@ -90,7 +90,7 @@ def test_response_logps_chunked_equal_the_models_own_logits(tmp_path, tied, lora
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from mmpref.adapters.causal_lm import response_logps
-    from mmpref.testing import make_tiny_lm
+    from mmpref.tiny_models import make_tiny_lm
 
     folder = make_tiny_lm(tmp_path / "lm")
     tokenizer = AutoTokenizer.from_pretrained(folder)

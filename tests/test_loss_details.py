@@ -62,7 +62,7 @@ def test_unpaired_batches_are_balanced_like_the_authors_loader():
 
 @pytest.fixture(scope="module")
 def tiny_sd15(tmp_path_factory):
-    from mmpref.testing import make_tiny_sd15
+    from mmpref.tiny_models import make_tiny_sd15
 
     return make_tiny_sd15(tmp_path_factory.mktemp("sd15") / "sd")
 

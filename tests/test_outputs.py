@@ -9,7 +9,7 @@ from huggingface_hub import HfApi, ModelCard, RepoUrl
 
 from mmpref.data.image_task import make_image_style_task
 from mmpref.hub import ModelSource
-from mmpref.testing import make_tiny_lm, make_tiny_sd15
+from mmpref.tiny_models import make_tiny_lm, make_tiny_sd15
 from mmpref.training import load_config, train
 from mmpref.training.diffusion_task import DiffusionTask
 from mmpref.training.model_card import HubUploadError, hub_dataset_id, write_model_card

@@ -22,8 +22,8 @@ from mmpref.rdpo.config import load_rdpo_config
 from mmpref.rdpo.jsonl import partial_path, read_done
 from mmpref.rdpo.reward import load_reward, win_rate
 from mmpref.rdpo.synth import run_synth
-from mmpref.rdpo.testing import make_tiny_reward_model, warm_start_lm
-from mmpref.testing import make_tiny_lm
+from mmpref.rdpo.tiny_models import make_tiny_reward_model, warm_start_lm
+from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import load_config, train
 from mmpref.training.config import LossConfig, RPOConfig
 from mmpref.training.objective import Rows, preference_loss

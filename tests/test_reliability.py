@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from mmpref.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, main
-from mmpref.testing import make_tiny_lm
+from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import ConfigError, NonFiniteLossError, TrainingInterrupted, load_config, train
 from mmpref.training import loop as loop_module
 from mmpref.training.checkpoint import CheckpointError, check_weights_only, find_checkpoint, verify_checkpoint

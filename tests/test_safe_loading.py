@@ -16,7 +16,7 @@ from mmpref.cli import main
 from mmpref.data import text as text_mod
 from mmpref.data.images import clip_embeddings, prepare_image_dataset
 from mmpref.rdpo.config import EvalRewardConfig, ScoreConfig, SynthConfig
-from mmpref.testing import make_tiny_lm, make_tiny_sd15
+from mmpref.tiny_models import make_tiny_lm, make_tiny_sd15
 from mmpref.training import load_config
 from mmpref.training.config import TrainConfig
 

@@ -11,7 +11,7 @@ import pytest
 from accelerate.utils import DistributedType
 
 from mmpref.data.image_task import make_image_style_task
-from mmpref.testing import make_tiny_lm, make_tiny_sd15
+from mmpref.tiny_models import make_tiny_lm, make_tiny_sd15
 from mmpref.training import ConfigError, load_config, train
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.text_task import TextTask

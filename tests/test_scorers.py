@@ -1,6 +1,6 @@
 """Image preference scorers against hand-computed scores, the statistics module, and ``mmpref eval``.
 
-Every scorer loads a tiny random model written in its authors' published layout (``mmpref.metrics.testing``)
+Every scorer loads a tiny random model written in its authors' published layout (``mmpref.metrics.tiny_scorers``)
 through the same loader the real weights take; each expected value is computed here from the model's parts,
 with the preprocessing written out by hand (PIL bicubic resize of the shorter side, center crop, CLIP mean/std),
 so changing a scorer's normalisation, logit scale, image size or crop fails its test. Nothing downloads.
@@ -18,7 +18,7 @@ from PIL import Image
 
 from mmpref.metrics.scorers import SCORERS, load_scorer
 from mmpref.metrics.stats import bootstrap_ci, win_outcomes, win_rate
-from mmpref.metrics.testing import make_tiny_scorers
+from mmpref.metrics.tiny_scorers import make_tiny_scorers
 from mmpref.training.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,7 +201,7 @@ def test_aesthetic_is_the_mlp_of_the_unit_clip_embedding(tiny, images):
 def test_clipscore_is_100_times_the_clamped_cosine(tiny, images):
     import open_clip
 
-    from mmpref.testing import load_clip
+    from mmpref.tiny_models import load_clip
 
     scores = load_scorer("clipscore", tiny["clipscore"]).score(images, PROMPTS)
     model, _, _ = load_clip(tiny["clipscore"].removeprefix("local-dir:"))
@@ -258,7 +258,7 @@ def run(tiny, tmp_path_factory):
     """A 1-step Diffusion-DPO run of the tiny SD 1.5 on 6 pairs of the bundled task, at 32 px, with
     pickscore and aesthetic scoring its samples at every evaluation; counts what each scorer scores."""
     from mmpref.metrics import scorers as scorers_module
-    from mmpref.testing import make_tiny_sd15
+    from mmpref.tiny_models import make_tiny_sd15
     from mmpref.training import load_config, train
 
     root = tmp_path_factory.mktemp("run")
@@ -372,7 +372,7 @@ def test_eval_text_judges_with_several_rewards_counts_tokens_and_measures_implic
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mmpref.cli import main
-    from mmpref.testing import make_tiny_lm
+    from mmpref.tiny_models import make_tiny_lm
 
     policy, reference = (
         make_tiny_lm(tmp_path / "policy", seed=1),

@@ -23,7 +23,7 @@ from mmpref.metrics.clip_embedder import (
 )
 from mmpref.metrics.report import add_style_commands, compare_style, evaluate_style, parse_style_names
 from mmpref.metrics.style import bootstrap_ci, content_score, style_accuracy, style_score, win_rate
-from mmpref.testing import load_clip, make_tiny_clip
+from mmpref.tiny_models import load_clip, make_tiny_clip
 
 # ------------------------------------------------------------------------------------------ pure functions
 

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mmpref.adapters.causal_lm import tokenize_row
-from mmpref.testing import make_tiny_lm, tiny_corpus
+from mmpref.tiny_models import make_tiny_lm, tiny_corpus
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"

@@ -10,7 +10,7 @@ from test_train_text import write_rows
 
 from mmpref.cli import main
 from mmpref.data.image_task import make_image_style_task
-from mmpref.testing import make_tiny_clip, make_tiny_lm, make_tiny_sd15
+from mmpref.tiny_models import make_tiny_clip, make_tiny_lm, make_tiny_sd15
 from mmpref.training import load_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

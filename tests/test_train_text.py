@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmpref.cli import main
-from mmpref.testing import make_tiny_lm
+from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import load_config, train
 from mmpref.training import text_task as text_task_module
 from mmpref.training.checkpoint import Checkpointer as _Checkpointer

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from mmpref.testing import make_tiny_lm
+from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import Callback, load_config, train
 from tests.hub_cache import use_hub_cache, write_hub_repo
 

@@ -352,7 +352,7 @@ def load_open_clip(model: str, weights: str | None = None, device: str | torch.d
     """``(model, preprocess, tokenizer)`` of an open_clip model.
 
     ``model`` is a hub id (``ORG/NAME[@rev]`` or ``hf-hub:ORG/NAME``, e.g. ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``),
-    a ``local-dir:`` folder (open_clip's layout, as :func:`mmpref.testing.make_tiny_clip` writes), a plain
+    a ``local-dir:`` folder (open_clip's layout, as :func:`mmpref.tiny_models.make_tiny_clip` writes), a plain
     folder path (read the same way), or an open_clip architecture name with ``weights``: a local
     checkpoint file or one of open_clip's pretrained tags (fetched by open_clip from the hub, or its cache).
     ``key`` names the config key in messages.

@@ -302,7 +302,7 @@ class ClipEmbedder:
 
     Args:
         model_name: an open_clip model name (``"ViT-B-32"``, ...), ``"local-dir:FOLDER"``
-            (``open_clip_config.json`` + weights, e.g. from :func:`mmpref.testing.make_tiny_clip`) or a hub id
+            (``open_clip_config.json`` + weights, e.g. from :func:`mmpref.tiny_models.make_tiny_clip`) or a hub id
             (``ORG/NAME[@rev]`` or ``hf-hub:ORG/NAME``), fetched into the Hugging Face cache (read offline).
         pretrained: for a plain model name, a local checkpoint file or a tag (``"openai"``, ...) whose weights
             are already cached; required there, since random weights would make every score meaningless.

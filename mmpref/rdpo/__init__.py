@@ -25,7 +25,7 @@ _EXPORTS = {
     "run_score": "reward",
     "win_rate": "reward",
     "run_synth": "synth",
-    "make_tiny_reward_model": "testing",
+    "make_tiny_reward_model": "tiny_models",
 }
 __all__ = sorted(_EXPORTS)
 

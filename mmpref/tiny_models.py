@@ -5,7 +5,7 @@ Every builder writes a folder that loads through the same public API a user take
 written locally from :func:`tiny_corpus`. The same ``seed`` gives bit-identical weights, and the caller's
 global RNG state is left untouched.
 
-    >>> from mmpref.testing import MAKERS
+    >>> from mmpref.tiny_models import MAKERS
     >>> path = MAKERS["lm"]("/tmp/tiny-lm", seed=0)
 """
 

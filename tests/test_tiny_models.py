@@ -1,4 +1,4 @@
-"""The tiny seeded builders in `mmpref.testing` load through the public APIs a user takes and run."""
+"""The tiny seeded builders in `mmpref.tiny_models` load through the public APIs a user takes and run."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mmpref.testing import MAKERS, load_clip, make_tiny_sd15
+from mmpref.tiny_models import MAKERS, load_clip, make_tiny_sd15
 
 PROMPT = "A photo of a Café — naïve 🐱 at 3pm, highly detailed!"
 

@@ -3,9 +3,9 @@
 Each maker writes a folder that :func:`mmpref.metrics.scorers.load_scorer` loads exactly as it loads the real
 weights (the same files, key names and loaders); only the sizes are tiny (32 px images, widths 32–128) and
 the weights random, so the scores mean nothing. Nothing is downloaded: tokenizers are written from
-:func:`mmpref.testing.tiny_corpus`. The same ``seed`` gives the same weights; the global RNG is untouched.
+:func:`mmpref.tiny_models.tiny_corpus`. The same ``seed`` gives the same weights; the global RNG is untouched.
 
-    >>> from mmpref.metrics.testing import TINY_SCORERS
+    >>> from mmpref.metrics.tiny_scorers import TINY_SCORERS
     >>> folder = TINY_SCORERS["pickscore"]("/tmp/tiny-pickscore")
     >>> load_scorer("pickscore", str(folder))
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mmpref.testing import _clip_text_config, _seeded, _write_clip_tokenizer, make_tiny_clip, tiny_corpus
+from mmpref.tiny_models import _clip_text_config, _seeded, _write_clip_tokenizer, make_tiny_clip, tiny_corpus
 
 __all__ = [
     "TINY_SCORERS",

@@ -1,4 +1,4 @@
-"""A seeded tiny reward model for tests and the rDPO demo (the LM builders live in mmpref.testing)."""
+"""A seeded tiny reward model for tests and the rDPO demo (the LM builders live in mmpref.tiny_models)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mmpref.testing import make_tiny_lm
+from mmpref.tiny_models import make_tiny_lm
 
 
 def make_tiny_reward_model(out_dir: str | Path, seed: int = 0) -> Path:

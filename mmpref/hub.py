@@ -188,3 +188,28 @@ def open_clip_name(key: str, value: str) -> str:
     if weights is None:
         raise ConfigError(f"{key}: {source.name} has none of the weights files {', '.join(OPEN_CLIP_WEIGHTS)}")
     return f"local-dir:{weights.parent}"
+
+
+def load_open_clip(model: str, weights: str | None = None, device=None, key: str = "rpo.clip_model"):
+    """``(model, preprocess, tokenizer)`` of an open_clip model, in eval mode with its validation transform:
+    the one place open_clip weights are loaded (RPO embeddings, the style metric, the CLIP scorer).
+
+    ``model`` is a hub id (``ORG/NAME[@rev]`` or ``hf-hub:ORG/NAME``, e.g. ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``),
+    a ``local-dir:`` folder (open_clip's layout, as :func:`mmpref.tiny_models.make_tiny_clip` writes), a plain
+    folder path (read the same way), or an open_clip architecture name with ``weights``: a local
+    checkpoint file or one of open_clip's pretrained tags (fetched by open_clip from the hub, or its cache).
+    ``key`` names the config key in messages.
+    """
+    import open_clip
+
+    name, pretrained = open_clip_name(key, model), None
+    if not name.startswith("local-dir:"):
+        if not weights:
+            raise ConfigError(f"{key.replace('model', 'weights')}: the open_clip architecture {model!r} needs "
+                              "weights: a checkpoint file or an open_clip pretrained tag; or give a hub id")  # fmt: skip
+        pretrained = str(weights)
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device or "cpu")
+    except RuntimeError as exc:  # open_clip's word for an unknown name, tag or an uncached download
+        raise ConfigError(f"{key}: open_clip cannot load {model!r} with weights {weights!r} ({exc})") from exc
+    return clip.eval(), preprocess, open_clip.get_tokenizer(name)

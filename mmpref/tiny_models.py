@@ -423,14 +423,11 @@ def load_clip(
 ) -> tuple[torch.nn.Module, Callable, Callable]:
     """Load a :func:`make_tiny_clip` folder (or any open_clip local dir) as ``(model, preprocess, tokenizer)``.
 
-    Goes through ``open_clip.create_model_and_transforms("local-dir:<out_dir>")`` and ``get_tokenizer``; the
-    model is returned in eval mode with the validation transform.
+    Goes through :func:`mmpref.hub.load_open_clip`, as a user's CLIP model does.
     """
-    import open_clip
+    from mmpref.hub import load_open_clip
 
-    name = f"local-dir:{Path(out_dir)}"
-    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+    return load_open_clip(f"local-dir:{Path(out_dir)}", device=device)
 
 
 def pretrain_tiny_sd15(

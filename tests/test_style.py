@@ -1,6 +1,5 @@
 """Style-alignment metric (docs/design.md §9): pure functions, the open_clip embedder and cache, the CLI commands."""
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mmpref.cli import main
 from mmpref.metrics import clip_embedder
 from mmpref.metrics.clip_embedder import (
     BadImageError,
@@ -21,7 +21,7 @@ from mmpref.metrics.clip_embedder import (
     embed_image_files,
     load_rgb,
 )
-from mmpref.metrics.report import add_style_commands, compare_style, evaluate_style, parse_style_names
+from mmpref.metrics.report import compare_style, evaluate_style, parse_style_names
 from mmpref.metrics.style import bootstrap_ci, content_score, style_accuracy, style_score, win_rate
 from mmpref.tiny_models import load_clip, make_tiny_clip
 
@@ -232,10 +232,7 @@ def test_embed_image_files_skips_or_raises(folders):
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmpref")
-    add_style_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def _style_argv(folders, clip_dir, *extra: str) -> list[str]:

@@ -55,8 +55,7 @@ from mmpref.data.text import (
     open_rows,
     score_problem,
 )
-from mmpref.errors import ConfigError
-from mmpref.hub import folder_fingerprint, open_clip_name
+from mmpref.hub import folder_fingerprint, load_open_clip, open_clip_name
 
 logger = logging.getLogger(__name__)
 
@@ -345,33 +344,6 @@ def pair_pixels(
 # ---------------------------------------------------------------------------------- CLIP embeddings
 
 EMBEDDING_MODES = ("text", "image", "image+text")
-
-
-def load_open_clip(model: str, weights: str | None = None, device: str | torch.device = "cpu",
-                   key: str = "rpo.clip_model"):  # fmt: skip
-    """``(model, preprocess, tokenizer)`` of an open_clip model.
-
-    ``model`` is a hub id (``ORG/NAME[@rev]`` or ``hf-hub:ORG/NAME``, e.g. ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``),
-    a ``local-dir:`` folder (open_clip's layout, as :func:`mmpref.tiny_models.make_tiny_clip` writes), a plain
-    folder path (read the same way), or an open_clip architecture name with ``weights``: a local
-    checkpoint file or one of open_clip's pretrained tags (fetched by open_clip from the hub, or its cache).
-    ``key`` names the config key in messages.
-    """
-    import open_clip
-
-    name, pretrained = open_clip_name(key, model), None
-    if not name.startswith("local-dir:"):
-        if not weights:
-            raise ConfigError(f"{key.replace('model', 'weights')}: the open_clip architecture {model!r} needs "
-                              "weights: a checkpoint file or an open_clip pretrained tag; or give a hub id")  # fmt: skip
-        pretrained = str(weights)
-    try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device
-        )
-    except RuntimeError as exc:  # open_clip's word for an unknown name, tag or an uncached download
-        raise ConfigError(f"{key}: open_clip cannot load {model!r} with weights {weights!r} ({exc})") from exc
-    return clip.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
 def _identity(path: str | None) -> Any:

@@ -2,10 +2,11 @@
 
 :mod:`mmpref.metrics.stats` holds the statistics every evaluation uses (bootstrap intervals, win rates with
 ties ½); :mod:`mmpref.metrics.scorers` the image preference scorers (PickScore, HPSv2, ImageReward, the LAION
-aesthetic predictor, CLIP score) and :mod:`mmpref.metrics.evaluate` the ``mmpref eval`` commands. Pure functions
-over embeddings live in :mod:`mmpref.metrics.style`; :mod:`mmpref.metrics.clip_embedder` turns image files and
-texts into embeddings (open_clip, cached); :mod:`mmpref.metrics.report` scores folders and holds the
-``style-score`` / ``compare-style`` CLI commands. Importing this package loads neither open_clip nor any weights.
+aesthetic predictor, CLIP score) and :mod:`mmpref.metrics.evaluate` what ``mmpref eval images`` runs. Pure
+functions over embeddings live in :mod:`mmpref.metrics.style`; :mod:`mmpref.metrics.clip_embedder` turns image
+files and texts into embeddings (open_clip, cached); :mod:`mmpref.metrics.report` scores folders (what
+``mmpref style-score`` and ``mmpref compare-style`` run). Importing this package loads neither open_clip nor
+any weights.
 """
 
 from mmpref.metrics.clip_embedder import (
@@ -19,7 +20,6 @@ from mmpref.metrics.clip_embedder import (
 )
 from mmpref.metrics.report import (
     StyleInputError,
-    add_style_commands,
     compare_style,
     evaluate_style,
 )
@@ -37,7 +37,6 @@ __all__ = [
     "SCORERS",
     "Scorer",
     "StyleInputError",
-    "add_style_commands",
     "bootstrap_ci",
     "compare_style",
     "content_score",

@@ -30,7 +30,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from mmpref.hub import open_clip_name
+from mmpref.hub import load_open_clip, open_clip_name
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -273,19 +273,6 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 # ------------------------------------------------------------------------------------------ CLIP embedder
-
-
-def load_open_clip(model_name: str, pretrained: str | None, device: str | torch.device):
-    """Load ``(model, preprocess, tokenizer)`` through open_clip, in eval mode with the validation transform.
-
-    This is the one place the weights are loaded; :class:`ClipEmbedder` calls it on first need only.
-    """
-    import open_clip
-
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device
-    )
-    return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
 def _looks_like_path(value: str) -> bool:

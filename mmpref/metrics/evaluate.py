@@ -9,9 +9,10 @@ prompts file) and, for each scorer of :mod:`mmpref.metrics.scorers`, reports
   with its bootstrap interval (:mod:`mmpref.metrics.stats`);
 
 and writes ``eval_images.json`` (every pair's scores), ``eval_images.md`` (the table) and ``contact_sheet.png``
-(the pairs side by side, each image captioned with its scores). ``mmpref eval text`` does the same for language
-models (:func:`mmpref.rdpo.reward.run_eval_text`): generations of the trained model and its reference from the
-same seeds, judged by one or more reward models, plus answer lengths and the held-out implicit reward accuracy.
+(the pairs side by side, each image captioned with its scores): :func:`run_eval_images`. ``mmpref eval text`` does
+the same for language models (:func:`mmpref.rdpo.reward.run_eval_text`): generations of the trained model and its
+reference from the same seeds, judged by one or more reward models, plus answer lengths and the held-out implicit
+reward accuracy.
 
 A score means something only against the same scorer, prompts and seeds: scores of different scorers, or of
 the same scorer on different prompt sets, are not comparable (docs/evaluation.md).
@@ -19,9 +20,7 @@ the same scorer on different prompt sets, are not comparable (docs/evaluation.md
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch
 from mmpref.metrics.stats import DEFAULT_RESAMPLES, MetricResult, mean_with_ci, win_rate
 
 __all__ = [
+    "ImageEvaluation",
     "ImagePair",
     "ScorerComparison",
     "compare_scores",
@@ -39,6 +39,7 @@ __all__ = [
     "evaluate_images",
     "markdown_table",
     "pair_folders",
+    "run_eval_images",
 ]
 
 
@@ -226,42 +227,82 @@ def _atomic_write(path: Path, write) -> None:
     tmp.replace(path)
 
 
-# -------------------------------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------------- folders to a report
 
 
-def eval_images_command(args: argparse.Namespace) -> int:
-    """``mmpref eval images``: score both sides, print the table, write the report, table and contact sheet."""
+@dataclass
+class ImageEvaluation:
+    """Result of :func:`run_eval_images`: the pairs, each scorer's comparison, and the files written."""
+
+    reference: Path
+    trained: Path
+    pairs: list[ImagePair]
+    results: dict[str, ScorerComparison]
+    only_in_reference: list[str]
+    only_in_trained: list[str]
+    table: str
+    report_path: Path
+    table_path: Path
+    sheet_path: Path
+
+
+def run_eval_images(
+    samples: str | Path | None = None,
+    *,
+    reference: str | Path | None = None,
+    trained: str | Path | None = None,
+    scorers: str | Sequence[str],
+    scorer_models: Sequence[str] | Mapping[str, str] = (),
+    prompts: str | Path | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+    sheet_rows: int = 16,
+) -> ImageEvaluation:
+    """``mmpref eval images``: score both sides of every pair, write ``eval_images.json``, ``eval_images.md``
+    and ``contact_sheet.png`` to ``out`` (default ``<samples>/eval``).
+
+    The sides are ``samples/reference`` and ``samples/trained`` (a ``mmpref sample`` folder) or the folders
+    ``reference`` and ``trained``; ``scorers`` names :data:`~mmpref.metrics.scorers.SCORERS` (a list, or one
+    comma-separated string) and ``scorer_models`` their weights (``NAME=MODEL`` items, or name -> model).
+    Raises :class:`~mmpref.metrics.report.StyleInputError` for inputs that do not fit together, before any
+    scorer is loaded.
+    """
     from mmpref.metrics.report import StyleInputError
     from mmpref.metrics.scorers import SCORERS, load_scorer, parse_scorer_models
     from mmpref.rdpo.generation import resolve_device
 
-    if args.samples is not None and (args.reference or args.trained):
+    if samples is not None and (reference or trained):
         raise StyleInputError("give a `mmpref sample` folder or --reference and --trained, not both")
-    if args.samples is not None:
-        reference, trained = Path(args.samples) / "reference", Path(args.samples) / "trained"
-    elif args.reference and args.trained:
-        reference, trained = Path(args.reference), Path(args.trained)
+    if samples is not None:
+        reference, trained = Path(samples) / "reference", Path(samples) / "trained"
+    elif reference and trained:
+        reference, trained = Path(reference), Path(trained)
     else:
         raise StyleInputError("give a `mmpref sample` folder (with reference/ and trained/), or --reference "
                               "and --trained folders")  # fmt: skip
-    names = [n.strip() for n in args.scorers.split(",") if n.strip()]
+    names = [n.strip() for n in scorers.split(",")] if isinstance(scorers, str) else list(scorers)
+    names = [n for n in names if n]
     unknown = [n for n in names if n not in SCORERS]
     if not names or unknown:
         raise StyleInputError(f"--scorers: unknown {unknown[0]!r}; choose from {', '.join(SCORERS)}"
                               if unknown else "--scorers: name at least one scorer")  # fmt: skip
-    models = parse_scorer_models(args.scorer_model)
+    models = dict(scorer_models) if isinstance(scorer_models, Mapping) else parse_scorer_models(scorer_models)
     extra = sorted(set(models) - set(names))
     if extra:
         raise StyleInputError(f"--scorer-model {extra[0]}: not among --scorers")
-    if not 0.0 < args.confidence < 1.0:
-        raise StyleInputError(f"--confidence must be in (0, 1), got {args.confidence}")
-    pairs, only_ref, only_tr = pair_folders(reference, trained, args.prompts)
-    out = Path(args.out) if args.out else trained.parent / "eval"
-    device = resolve_device(args.device)
-    boot = {"n_resamples": args.n_resamples, "confidence": args.confidence, "seed": args.seed}
+    if not 0.0 < confidence < 1.0:
+        raise StyleInputError(f"--confidence must be in (0, 1), got {confidence}")
+    pairs, only_ref, only_tr = pair_folders(reference, trained, prompts)
+    out = Path(out) if out else trained.parent / "eval"
+    device = resolve_device(device)
+    boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     results = {}
     for name in names:  # one scorer in memory at a time
-        scorer = load_scorer(name, models.get(name), device=device, batch_size=args.batch_size)
+        scorer = load_scorer(name, models.get(name), device=device, batch_size=batch_size)
         results.update(evaluate_images({name: scorer}, pairs, **boot))
         del scorer
     table = markdown_table(results)
@@ -271,7 +312,7 @@ def eval_images_command(args: argparse.Namespace) -> int:
         out / "eval_images.json",
     )
     _atomic_write(
-        sheet_path, lambda p: contact_sheet(pairs, results, max_rows=args.sheet_rows).save(p, format="PNG")
+        sheet_path, lambda p: contact_sheet(pairs, results, max_rows=sheet_rows).save(p, format="PNG")
     )
     formulas = "\n".join(f"- {n}: {SCORERS[n].formula}" for n in results)
     _atomic_write(table_path, lambda p: p.write_text(
@@ -281,7 +322,7 @@ def eval_images_command(args: argparse.Namespace) -> int:
         "command": "eval images",
         "reference": str(reference),
         "trained": str(trained),
-        "prompts": str(args.prompts) if args.prompts else None,
+        "prompts": str(prompts) if prompts else None,
         "bootstrap": boot,
         "scorers": {n: {**r.to_dict(), "formula": SCORERS[n].formula} for n, r in results.items()},
         "unpaired": {"only_in_reference": only_ref, "only_in_trained": only_tr},
@@ -294,103 +335,5 @@ def eval_images_command(args: argparse.Namespace) -> int:
     }  # fmt: skip
     _atomic_write(report_path, lambda p: p.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
                                                       encoding="utf-8"))  # fmt: skip
-    if only_ref or only_tr:
-        print(f"note: {len(only_ref)} image(s) only in {reference} and {len(only_tr)} only in {trained} are not "
-              "compared", file=sys.stderr)  # fmt: skip
-    print(table)
-    print(f"report: {report_path}\ntable: {table_path}\ncontact sheet: {sheet_path}")
-    return 0
-
-
-def eval_text_command(args: argparse.Namespace) -> int:
-    """``mmpref eval text`` (and its alias ``mmpref eval-reward``): see :func:`mmpref.rdpo.reward.run_eval_text`."""
-    from mmpref.rdpo.config import load_rdpo_config
-    from mmpref.rdpo.reward import run_eval_text
-
-    cfg = load_rdpo_config("eval", args.config, args.overrides)
-    result = run_eval_text(cfg)
-    print(result.summary(cfg))
-    print(f"written to {cfg.output}")
-    return 0
-
-
-def _user_errors(fn):
-    """Input problems of ``eval images`` (missing folders, unpaired prompts) -> ``mmpref eval: error: ...``, 2."""
-    import functools
-
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        from mmpref.metrics.clip_embedder import BadImageError
-        from mmpref.metrics.report import StyleInputError
-
-        try:
-            return fn(args)
-        except (StyleInputError, BadImageError, NotADirectoryError) as e:
-            print(f"mmpref eval {args.eval_command}: error: {e}", file=sys.stderr)
-            return 2
-
-    return run
-
-
-def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``mmpref eval images`` and ``mmpref eval text``."""
-    from mmpref.metrics.scorers import SCORERS
-
-    p = subparsers.add_parser("eval", help="a trained model against its reference: scores, win rates, intervals",
-                              description="A trained model against its reference on the same prompts and "
-                              "seeds: `images` with preference scorers, `text` with reward models; means, win "
-                              "rates (ties 1/2) and bootstrap intervals (docs/evaluation.md).")  # fmt: skip
-    sub = p.add_subparsers(dest="eval_command", required=True)
-
-    q = sub.add_parser(
-        "images",
-        help="image preference scores and win rates of trained vs reference images",
-        description="Pairs the images of a trained model and its reference by file name and reports, for each "
-        "scorer, each side's mean score and the win rate of trained over reference (ties 1/2), with bootstrap "
-        "intervals over prompts. Writes eval_images.json, eval_images.md and contact_sheet.png.",
-    )
-    q.add_argument("samples", nargs="?", type=Path, default=None,
-                   help="a `mmpref sample` output folder (reference/ and trained/, each with prompts.jsonl)")  # fmt: skip
-    q.add_argument(
-        "--reference", type=Path, default=None, metavar="DIR", help="reference images (instead of SAMPLES)"
-    )
-    q.add_argument(
-        "--trained", type=Path, default=None, metavar="DIR", help="trained images, same file names"
-    )
-    q.add_argument("--prompts", type=Path, default=None, metavar="FILE",
-                   help="prompts by file name (.json/.jsonl) or one a line in file order; default: the folders' "
-                        "prompts.jsonl")  # fmt: skip
-    q.add_argument(
-        "--scorers", required=True, metavar="NAMES", help=f"comma-separated, from: {', '.join(SCORERS)}"
-    )
-    q.add_argument("--scorer-model", action="append", default=[], metavar="NAME=MODEL",
-                   help="a scorer's model: hub id ORG/NAME[@rev], folder or checkpoint file (repeatable); default: "
-                        "the authors' published weights (docs/evaluation.md)")  # fmt: skip
-    q.add_argument(
-        "--out", type=Path, default=None, metavar="DIR", help="output folder (default: <samples>/eval)"
-    )
-    q.add_argument(
-        "--device", default="auto", metavar="DEV", help="cpu, cuda, cuda:1 (default: cuda if available)"
-    )
-    q.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per scorer forward pass")
-    q.add_argument(
-        "--n-resamples", type=int, default=DEFAULT_RESAMPLES, metavar="N", help="bootstrap resamples"
-    )
-    q.add_argument(
-        "--confidence", type=float, default=0.95, metavar="P", help="interval level (default 0.95)"
-    )
-    q.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    q.add_argument("--sheet-rows", type=int, default=16, metavar="N", help="pairs on the contact sheet")
-    q.set_defaults(func=_user_errors(eval_images_command))
-
-    t = sub.add_parser(
-        "text",
-        help="reward-judged win rates, answer lengths and implicit reward accuracy of a trained LM",
-        description="Generates answers to held-out prompts with the trained model and its reference (same "
-        "seeds), judges them with one or more reward models (win rate, ties 1/2, bootstrap interval over "
-        "prompts), reports each side's mean answer length in tokens and, with `preferences`, the held-out "
-        "implicit reward accuracy. The config is eval-reward's (an `eval:` section or top-level keys).",
-    )
-    t.add_argument("config", type=Path)
-    t.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. generation.batch_size=4")
-    t.set_defaults(func=eval_text_command)
+    return ImageEvaluation(reference, trained, pairs, results, only_ref, only_tr, table, report_path, table_path,
+                           sheet_path)  # fmt: skip

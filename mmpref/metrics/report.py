@@ -1,34 +1,27 @@
-"""Style-alignment evaluation of image folders: the Python entry points and the two CLI subcommands.
+"""Style-alignment evaluation of image folders: the Python entry points behind ``mmpref style-score`` and
+``mmpref compare-style``.
 
 ``evaluate_style`` scores one folder of generated images against a folder of style references (style score,
 optional zero-shot style accuracy and content score); ``compare_style`` pairs two folders by file name and
-gives the win rate of A over B by style score. ``add_style_commands(subparsers)`` registers
-``mmpref style-score`` and ``mmpref compare-style``; both print a table, write a JSON report and return an
-exit code (2 for user errors: missing or empty folders, a ``--target`` not among ``--style-names``, prompts that do
-not match the images, weights that are not local).
+gives the win rate of A over B by style score. ``run_style_score`` / ``run_compare_style`` go from folders
+to a JSON report; they raise on user errors (missing or empty folders, a ``target`` not among the style names,
+prompts that do not match the images, weights that are not local), which the CLI reports with exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import json
-import sys
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mmpref.metrics.clip_embedder import (
-    ON_BAD_IMAGES,
     BadImageError,
-    BadImageWarning,
     ClipEmbedder,
     EmbeddedImages,
     Embedder,
-    EmbedderError,
     default_cache_dir,
     embed_image_files,
     list_images,
@@ -46,15 +39,17 @@ from mmpref.metrics.style import (
 
 __all__ = [
     "DEFAULT_STYLE_TEMPLATE",
+    "ClipOptions",
     "StyleComparison",
     "StyleEvaluation",
     "StyleInputError",
-    "add_style_commands",
     "compare_style",
     "evaluate_style",
     "format_table",
     "parse_style_names",
     "read_prompts",
+    "run_compare_style",
+    "run_style_score",
     "write_contact_sheet",
 ]
 
@@ -383,271 +378,154 @@ def _write_json(report: dict, out: Path) -> None:
     tmp.replace(out)
 
 
-def _print_skipped(skipped: Mapping[Path, str]) -> None:
-    if skipped:
-        listing = "\n".join(f"  {p}: {why}" for p, why in skipped.items())
-        print(f"warning: skipped {len(skipped)} unreadable image(s):\n{listing}", file=sys.stderr)
+# ------------------------------------------------------------------------------------- folders to a report
 
 
-# -------------------------------------------------------------------------------------------------- CLI
+@dataclass(frozen=True)
+class ClipOptions:
+    """The CLIP embedder of :func:`run_style_score` and :func:`run_compare_style`.
 
-_USER_ERRORS = (StyleInputError, BadImageError, EmbedderError, FileNotFoundError, NotADirectoryError)
+    ``model`` is an open_clip model name or ``local-dir:FOLDER`` and ``weights`` a local checkpoint file or
+    cached pretrained tag for a plain name (see :class:`ClipEmbedder`); ``device`` ``"auto"`` is cuda when
+    available; embeddings are cached under ``cache_dir`` (default :func:`default_cache_dir`) unless
+    ``use_cache`` is off.
+    """
 
+    model: str = "ViT-B-32"
+    weights: str | None = None
+    device: str = "auto"
+    batch_size: int = 32
+    cache_dir: Path | None = None
+    use_cache: bool = True
 
-def _exit_code(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable]:
-    """Turn user errors into ``mmpref <command>: error: ...`` on stderr and exit code 2."""
+    def embedder(self) -> ClipEmbedder:
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return ClipEmbedder(
+            self.model,
+            pretrained=self.weights,
+            device=device,
+            batch_size=self.batch_size,
+            cache_dir=(self.cache_dir or default_cache_dir()) if self.use_cache else None,
+        )
 
-    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        @functools.wraps(fn)
-        def run(args: argparse.Namespace) -> int:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", BadImageWarning)  # listed by _print_skipped instead
-                    return fn(args)
-            except _USER_ERRORS as e:
-                print(f"mmpref {command}: error: {e}", file=sys.stderr)
-                return 2
-
-        return run
-
-    return wrap
-
-
-def make_embedder(args: argparse.Namespace) -> Embedder:
-    """The CLI's embedder: :class:`ClipEmbedder` from ``--clip-model/--clip-weights/--device/...``."""
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ClipEmbedder(
-        args.clip_model,
-        pretrained=args.clip_weights,
-        device=device,
-        batch_size=args.batch_size,
-        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
-    )
+    def info(self) -> dict:
+        return {"clip_model": self.model, "clip_weights": self.weights}
 
 
-def _embedder_info(args: argparse.Namespace) -> dict:
-    return {"clip_model": args.clip_model, "clip_weights": args.clip_weights}
+def _bootstrap(n_resamples: int, confidence: float, seed: int) -> dict:
+    if not 0.0 < confidence < 1.0:
+        raise StyleInputError(f"--confidence must be in (0, 1), got {confidence}")
+    return {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
 
 
-def _bootstrap_kwargs(args: argparse.Namespace) -> dict:
-    if not 0.0 < args.confidence < 1.0:
-        raise StyleInputError(f"--confidence must be in (0, 1), got {args.confidence}")
-    return {"n_resamples": args.n_resamples, "confidence": args.confidence, "seed": args.seed}
+def run_style_score(
+    generated: str | Path,
+    style_refs: str | Path,
+    *,
+    out: str | Path = "style_report.json",
+    clip: ClipOptions = ClipOptions(),
+    prompts: str | Path | None = None,
+    style_names: str | Sequence[str] | None = None,
+    target: str | None = None,
+    style_template: str = DEFAULT_STYLE_TEMPLATE,
+    sheet_k: int = 8,
+    on_bad_images: str = "skip",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[StyleEvaluation, Path]:
+    """``mmpref style-score``: score the folder ``generated`` against the folder ``style_refs`` and write the
+    JSON report to ``out`` and, beside it, ``<out stem>_sheet.png`` (:func:`write_contact_sheet`).
 
-
-@_exit_code("style-score")
-def style_score_command(args: argparse.Namespace) -> int:
-    """``mmpref style-score``: score a folder, print the table, write the JSON report and contact sheet."""
-    generated = list_images(args.generated)
-    list_images(args.style_refs)  # fail fast on a missing/empty folder, before any model work
-    out = Path(args.out)
-    if out.resolve().parent == Path(args.generated).resolve():
+    Returns the evaluation and the contact sheet's path. The inputs are checked before any model work: a
+    missing or empty folder raises ``FileNotFoundError`` / ``NotADirectoryError``; ``out`` inside
+    ``generated``, a ``target`` without ``style_names`` or not among them, a template without ``{}``, prompts
+    that do not fit the images or a ``confidence`` outside (0, 1) raise :class:`StyleInputError`.
+    """
+    images = list_images(generated)
+    list_images(style_refs)  # fail fast on a missing/empty folder, before any model work
+    out = Path(out)
+    if out.resolve().parent == Path(generated).resolve():
         raise StyleInputError(
             "--out must not be inside --generated: the contact sheet would be scored next time"
         )
     names, target_index = (None, None)
-    if args.target is not None and args.style_names is None:
+    if target is not None and style_names is None:
         raise StyleInputError("--target needs --style-names (the candidate styles to classify among)")
-    if args.style_names is not None:
-        names, target_index = parse_style_names(args.style_names, args.target)
-        if "{}" not in args.style_template:
-            raise StyleInputError(
-                f"--style-template needs a {{}} for the style name, got {args.style_template!r}"
-            )
-    prompts = read_prompts(args.prompts, generated) if args.prompts else None
-    boot = _bootstrap_kwargs(args)
+    if style_names is not None:
+        names, target_index = parse_style_names(style_names, target)
+        if "{}" not in style_template:
+            raise StyleInputError(f"--style-template needs a {{}} for the style name, got {style_template!r}")
+    prompt_map = read_prompts(prompts, images) if prompts else None
+    boot = _bootstrap(n_resamples, confidence, seed)
     result = evaluate_style(
-        make_embedder(args),
-        generated,
-        args.style_refs,
-        prompts=prompts,
+        clip.embedder(),
+        images,
+        style_refs,
+        prompts=prompt_map,
         style_names=names,
         target_index=target_index,
-        style_template=args.style_template,
-        on_bad_images=args.on_bad_images,
+        style_template=style_template,
+        on_bad_images=on_bad_images,
         **boot,
     )
-    sheet = write_contact_sheet(result.rows, out.with_name(f"{out.stem}_sheet.png"), k=args.sheet_k)
+    sheet = write_contact_sheet(result.rows, out.with_name(f"{out.stem}_sheet.png"), k=sheet_k)
     report = {
         "command": "style-score",
-        "generated": str(args.generated),
-        "style_refs": str(args.style_refs),
-        "prompts": str(args.prompts) if args.prompts else None,
+        "generated": str(generated),
+        "style_refs": str(style_refs),
+        "prompts": str(prompts) if prompts else None,
         "style_names": names,
         "target": names[target_index] if names else None,
-        "style_template": args.style_template,
-        **_embedder_info(args),
+        "style_template": style_template,
+        **clip.info(),
         "bootstrap": boot,
         **result.to_dict(),
         "contact_sheet": str(sheet),
     }
     _write_json(report, out)
-    _print_skipped(result.skipped)
-    print(format_table(result.metrics))
-    print(f"report: {out}\ncontact sheet: {sheet}")
-    return 0
+    return result, sheet
 
 
-@_exit_code("compare-style")
-def compare_style_command(args: argparse.Namespace) -> int:
-    """``mmpref compare-style``: win rate of A over B by style score, printed and optionally written."""
-    for folder in (args.a, args.b, args.style_refs):
+def run_compare_style(
+    a: str | Path,
+    b: str | Path,
+    style_refs: str | Path,
+    *,
+    out: str | Path | None = None,
+    clip: ClipOptions = ClipOptions(),
+    tie_tolerance: float = 0.0,
+    on_bad_images: str = "skip",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> StyleComparison:
+    """``mmpref compare-style``: :func:`compare_style` of the folders ``a`` and ``b``, its JSON report written
+    to ``out`` when given. Missing or empty folders raise before any model work, as in
+    :func:`run_style_score`."""
+    for folder in (a, b, style_refs):
         list_images(folder)
-    boot = _bootstrap_kwargs(args)
+    boot = _bootstrap(n_resamples, confidence, seed)
     result = compare_style(
-        make_embedder(args),
-        args.a,
-        args.b,
-        args.style_refs,
-        tie_tolerance=args.tie_tolerance,
-        on_bad_images=args.on_bad_images,
+        clip.embedder(),
+        a,
+        b,
+        style_refs,
+        tie_tolerance=tie_tolerance,
+        on_bad_images=on_bad_images,
         **boot,
     )
-    _print_skipped(result.skipped)
-    if result.only_in_a or result.only_in_b:
-        print(
-            f"note: {len(result.only_in_a)} image(s) only in A and {len(result.only_in_b)} only in B "
-            "are not compared",
-            file=sys.stderr,
-        )
-    print(format_table(result.metrics))
-    if args.out:
+    if out:
         report = {
             "command": "compare-style",
-            "a": str(args.a),
-            "b": str(args.b),
-            "style_refs": str(args.style_refs),
-            **_embedder_info(args),
+            "a": str(a),
+            "b": str(b),
+            "style_refs": str(style_refs),
+            **clip.info(),
             "bootstrap": boot,
             **result.to_dict(),
         }
-        _write_json(report, Path(args.out))
-        print(f"report: {args.out}")
-    return 0
-
-
-_CLIP_HELP = (
-    "open_clip model name, or local-dir:FOLDER (open_clip_config.json + weights). Weights are never "
-    "downloaded: give a plain name together with --clip-weights, or a local-dir: folder "
-    "(default: %(default)s)"
-)
-_WEIGHTS_HELP = (
-    "local open_clip checkpoint file for --clip-model, or a pretrained tag (e.g. openai) whose weights are "
-    "already in the Hugging Face cache; ignored for local-dir:"
-)
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--style-refs",
-        required=True,
-        type=Path,
-        metavar="DIR",
-        help="folder of reference images in the target style",
-    )
-    p.add_argument("--clip-model", default="ViT-B-32", metavar="NAME", help=_CLIP_HELP)
-    p.add_argument("--clip-weights", default=None, metavar="FILE", help=_WEIGHTS_HELP)
-    p.add_argument(
-        "--device", default="auto", metavar="DEV", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
-    )
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass")
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help=f"embedding cache, keyed by model and file content (default: {default_cache_dir()})",
-    )
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    p.add_argument(
-        "--on-bad-images",
-        choices=ON_BAD_IMAGES,
-        default="skip",
-        help="unreadable image files: skip them with a warning naming each, or fail (default: skip)",
-    )
-    p.add_argument(
-        "--n-resamples",
-        type=int,
-        default=DEFAULT_RESAMPLES,
-        metavar="N",
-        help="bootstrap resamples (default: %(default)s)",
-    )
-    p.add_argument(
-        "--confidence",
-        type=float,
-        default=0.95,
-        metavar="P",
-        help="bootstrap interval level (default: %(default)s)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
-
-
-def add_style_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``style-score`` and ``compare-style`` on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "style-score",
-        help="style-alignment scores of a folder of generated images",
-        description="Style score (mean cosine of each image's CLIP embedding to the style references' "
-        "centroid), optional zero-shot style accuracy and content score (CLIPScore), with bootstrap "
-        "intervals. Writes a JSON report and, beside it, <out stem>_sheet.png with the best and worst "
-        "images.",
-    )
-    p.add_argument("--generated", required=True, type=Path, metavar="DIR", help="folder of generated images")
-    _add_common(p)
-    p.add_argument(
-        "--prompts",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="enables the content score. Plain text (any suffix but .json/.jsonl): one prompt per line, "
-        "matched to the images sorted by file name; .json: {file name: prompt}; .jsonl: records with "
-        "file_name and prompt",
-    )
-    p.add_argument(
-        "--style-names",
-        default=None,
-        metavar="NAMES",
-        help='comma-separated candidate styles for zero-shot accuracy, e.g. "van gogh,sketch,photo"',
-    )
-    p.add_argument("--target", default=None, help="the target style, one of --style-names")
-    p.add_argument(
-        "--style-template",
-        default=DEFAULT_STYLE_TEMPLATE,
-        metavar="TEMPLATE",
-        help="text prompt per style name, {} is replaced by the name (default: %(default)r)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("style_report.json"),
-        metavar="FILE",
-        help="JSON report path (default: %(default)s)",
-    )
-    p.add_argument(
-        "--sheet-k",
-        type=int,
-        default=8,
-        metavar="K",
-        help="best and worst K images on the contact sheet (default: %(default)s)",
-    )
-    p.set_defaults(func=style_score_command)
-
-    p = subparsers.add_parser(
-        "compare-style",
-        help="win rate of set A over set B by style score, images paired by file name",
-        description="Pairs the images of --a and --b by file name and reports the share of pairs where A's "
-        "style score beats B's (ties count 1/2), with a bootstrap interval over pairs.",
-    )
-    p.add_argument("--a", required=True, type=Path, metavar="DIR", help="folder of images from model A")
-    p.add_argument("--b", required=True, type=Path, metavar="DIR", help="folder of images from model B")
-    _add_common(p)
-    p.add_argument(
-        "--tie-tolerance",
-        type=float,
-        default=0.0,
-        help="|score A - score B| at or below this is a tie (default: 0)",
-    )
-    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="optional JSON report path")
-    p.set_defaults(func=compare_style_command)
+        _write_json(report, Path(out))
+    return result

@@ -370,7 +370,7 @@ class CLIPScore(Scorer):
     name = "clipscore"
 
     def __init__(self, model: str, weights: str | None = None, device="cpu", batch_size: int = 16):
-        from mmpref.metrics.clip_embedder import load_open_clip
+        from mmpref.hub import load_open_clip
 
         super().__init__(model, device, batch_size)
         self.model, self.preprocess, self.tokenizer = load_open_clip(open_clip_name("clipscore", model), weights,

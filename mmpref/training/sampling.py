@@ -174,38 +174,35 @@ def trained_pipeline(final: Path, device: str | None = None):
     return load_pipeline(info["base_model"], unet=unet, device=device, revision=info.get("revision")), info
 
 
-def sample_command(args) -> int:
-    """``mmpref sample``: reference and trained images of the same prompts and seeds, and their grid."""
-    prompts = read_prompt_list(args.prompts)
-    final = resolve_trained(args.target)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out) if args.out else final.parent / "samples"
-    options = dict(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                   resolution=args.resolution)  # fmt: skip
+def run_sample(
+    target: str | Path,
+    prompts: str | Path,
+    *,
+    out: str | Path | None = None,
+    seed: int = 0,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    resolution: int | None = None,
+    device: str | None = None,
+) -> tuple[Path, list[str]]:
+    """``mmpref sample``: reference and trained images of the same prompts and seeds, and their grid.
+
+    ``target`` is a training config, its ``output_dir`` or ``output_dir/final`` (:func:`resolve_trained`),
+    ``prompts`` a file of :func:`read_prompt_list`. Writes ``out/reference/``, ``out/trained/`` (each with its
+    ``prompts.jsonl``) and ``out/grid.png``; ``out`` defaults to ``<output_dir>/samples``, ``device`` to cuda
+    when available. Returns ``out`` and the prompts.
+    """
+    prompt_list = read_prompt_list(prompts)
+    final = resolve_trained(target)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out) if out else final.parent / "samples"
+    options = dict(seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale,
+                   resolution=resolution)  # fmt: skip
     trained, info = trained_pipeline(final, device)
-    trained_images = generate(trained, prompts, **options)
+    trained_images = generate(trained, prompt_list, **options)
     del trained
-    reference_images = generate(load_pipeline(info["base_model"], device=device), prompts, **options)
-    save_images(reference_images, out / "reference", prompts)
-    save_images(trained_images, out / "trained", prompts)
-    grid = out / "grid.png"
-    image_grid({"reference": reference_images, "trained": trained_images}, prompts).save(grid)
-    print(f"{len(prompts)} prompts: {out / 'reference'}, {out / 'trained'}, grid {grid}")
-    return 0
-
-
-def add_sample_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "sample", help="generate images with a trained UNet beside its reference (same prompts, same seeds)"
-    )
-    p.add_argument("target", help="a training config, its output_dir, or output_dir/final")
-    p.add_argument(
-        "--prompts", required=True, help="text file, one prompt per line (or .jsonl with 'prompt')"
-    )
-    p.add_argument("--out", default=None, help="output folder (default: <output_dir>/samples)")
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i on both sides")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, default=None, help="default: the pipeline's own")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.set_defaults(func=sample_command)
+    reference_images = generate(load_pipeline(info["base_model"], device=device), prompt_list, **options)
+    save_images(reference_images, out / "reference", prompt_list)
+    save_images(trained_images, out / "trained", prompt_list)
+    image_grid({"reference": reference_images, "trained": trained_images}, prompt_list).save(out / "grid.png")
+    return out, prompt_list

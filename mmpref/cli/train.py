@@ -1,10 +1,9 @@
-"""The ``mmpref`` command line: a thin layer over the Python API."""
+"""``mmpref train``, ``mmpref make-tiny`` and ``mmpref sample``: training runs, tiny demo models, a run's
+images."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from pathlib import Path
 EXIT_NONFINITE = 1
 EXIT_INTERRUPTED = 75
 TINY_SCORER_KINDS = ("pickscore", "hpsv2", "imagereward", "aesthetic")  # clipscore takes `make-tiny clip`
-QUIET_HELP = "warnings and errors only: no info messages, no progress bars (before or after the command)"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -57,20 +55,17 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _commands(sub: argparse._SubParsersAction):
-    """Every command parser, nested ones (``eval images``) included."""
-    for command in sub.choices.values():
-        yield command
-        for action in command._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                yield from _commands(action)
+def _sample(args: argparse.Namespace) -> int:
+    from mmpref.training.sampling import run_sample
+
+    out, prompts = run_sample(args.target, args.prompts, out=args.out, seed=args.seed, steps=args.steps,
+                              guidance_scale=args.guidance_scale, resolution=args.resolution,
+                              device=args.device)  # fmt: skip
+    print(f"{len(prompts)} prompts: {out / 'reference'}, {out / 'trained'}, grid {out / 'grid.png'}")
+    return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmpref", description=__doc__)
-    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="preference-train a model from a YAML config")
     p.add_argument("config", type=Path)
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. loss.type=rpo max_steps=20")
@@ -89,66 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pretrain-on: first train the VAE as an autoencoder of the images (600: pictures)")  # fmt: skip
     p.set_defaults(func=_make_tiny)
 
-    from mmpref.training.sampling import add_sample_command
-
-    add_sample_command(sub)
-    from mmpref.metrics.report import add_style_commands
-
-    add_style_commands(sub)
-    from mmpref.rdpo.cli import add_rdpo_commands
-
-    add_rdpo_commands(sub)
-    from mmpref.metrics.evaluate import add_eval_commands
-
-    add_eval_commands(sub)  # mmpref eval images | text
-    for command in _commands(sub):  # --quiet after the command too, listed in each `mmpref CMD --help`
-        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
-    return parser
-
-
-class _Stderr(logging.StreamHandler):
-    """A handler writing to the ``sys.stderr`` of each message (tests and wrappers replace it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def configure_logging(quiet: bool = False) -> None:
-    """mmpref's log messages to stderr: info and up from the main process; warnings only when quiet,
-    or on the other processes of a launched run (so each message appears once)."""
-    log = logging.getLogger("mmpref")
-    if not any(isinstance(h, _Stderr) for h in log.handlers):
-        handler = _Stderr()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-    other_process = os.environ.get("RANK", "0") != "0"
-    log.setLevel(logging.WARNING if quiet or other_process else logging.INFO)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mmpref.data import DataError
-    from mmpref.progress import quiet_bars
-    from mmpref.training.checkpoint import CheckpointError
-    from mmpref.training.config import ConfigError
-    from mmpref.training.model_card import HubUploadError
-
-    args = build_parser().parse_args(argv)
-    configure_logging(args.quiet)
-    try:
-        with quiet_bars(args.quiet):
-            return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"mmpref {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except HubUploadError as e:  # the run itself is complete on disk: say so, without a traceback
-        print(f"mmpref {args.command}: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    p = sub.add_parser(
+        "sample", help="generate images with a trained UNet beside its reference (same prompts, same seeds)"
+    )
+    p.add_argument("target", help="a training config, its output_dir, or output_dir/final")
+    p.add_argument(
+        "--prompts", required=True, help="text file, one prompt per line (or .jsonl with 'prompt')"
+    )
+    p.add_argument("--out", default=None, help="output folder (default: <output_dir>/samples)")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i on both sides")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, default=None, help="default: the pipeline's own")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.set_defaults(func=_sample)

@@ -513,3 +513,11 @@ def test_image_row_problems_is_total_and_accepted_rows_are_usable(image_dir, cap
     root = image_dir.resolve()
     for ref in refs:  # confined, a path reference is a file inside the dataset folder
         assert isinstance(ref, bytes) or (Path(ref).is_file() and Path(ref).is_relative_to(root))
+
+
+def test_sample_with_an_empty_prompts_file_exits_2(tmp_path, capsys):
+    from mmpref.cli import main
+
+    (tmp_path / "p.txt").write_text("# only a comment\n")
+    assert main(["sample", str(tmp_path), "--prompts", str(tmp_path / "p.txt")]) == 2
+    assert "p.txt: no prompts" in capsys.readouterr().err

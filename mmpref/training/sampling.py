@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from mmpref.data.text import DataError
+
 
 def read_prompt_list(path: str | Path) -> list[str]:
     """Prompts from a text file (one per line; blank lines and ``#`` comments skipped) or a JSON Lines file
@@ -34,11 +36,11 @@ def read_prompt_list(path: str | Path) -> list[str]:
                 row = json.loads(line)
                 prompts.append(str(row.get("prompt", row.get("caption"))))
             except (json.JSONDecodeError, AttributeError) as e:
-                raise ValueError(f"{path}, line {n}: not a JSON object with a 'prompt' ({e})") from e
+                raise DataError(f"{path}, line {n}: not a JSON object with a 'prompt' ({e})") from e
     else:
         prompts = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise DataError(f"{path}: no prompts")
     return prompts
 
 

@@ -102,6 +102,19 @@ def derive_seed(base: int, *parts: int) -> int:
     return seed
 
 
+def load_pretrained(model_class, path: str, torch_dtype: str, trust_remote_code: bool):
+    """``(tokenizer, model)`` of a hub id (``ORG/NAME``, optionally ``@revision``) or a folder; a folder's own
+    code runs only with ``trust_remote_code``."""
+    from transformers import AutoTokenizer
+
+    name, revision = split_revision(str(path))
+    with custom_code_guard(path):
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        model = model_class.from_pretrained(name, revision=revision, dtype=TORCH_DTYPES[torch_dtype],
+                                            trust_remote_code=trust_remote_code)  # fmt: skip
+    return tokenizer, model
+
+
 class Generator:
     """A local causal LM that answers batches of prompts (left padding, as ``generate`` needs)."""
 
@@ -113,17 +126,10 @@ class Generator:
         torch_dtype: str = "float32",
         trust_remote_code: bool = False,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.device = resolve_device(device)
-        name, revision = split_revision(str(path))  # a hub id may pin a revision: ORG/NAME@rev
-        with custom_code_guard(path):
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                name, revision=revision, trust_remote_code=trust_remote_code
-            )
-            self.model = AutoModelForCausalLM.from_pretrained(
-                name, revision=revision, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
-            )
+        self.tokenizer, self.model = load_pretrained(AutoModelForCausalLM, path, torch_dtype, trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

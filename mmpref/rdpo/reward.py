@@ -36,6 +36,7 @@ from mmpref.rdpo.generation import (
     Prompt,
     chunks,
     derive_seed,
+    load_pretrained,
     load_prompts,
     resolve_device,
     text_id,
@@ -118,18 +119,13 @@ class ModelReward:
         torch_dtype: str = "float32",
         trust_remote_code: bool = False,
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         self.name, self.batch_size, self.max_length = path, batch_size, max_length
         self.device = resolve_device(device)
-        name, revision = split_revision(str(path))  # a hub id may pin a revision: ORG/NAME@rev
-        with custom_code_guard(path):
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                name, revision=revision, trust_remote_code=trust_remote_code
-            )
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                name, revision=revision, dtype=TORCH_DTYPES[torch_dtype], trust_remote_code=trust_remote_code
-            )
+        self.tokenizer, self.model = load_pretrained(
+            AutoModelForSequenceClassification, path, torch_dtype, trust_remote_code
+        )
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"  # over-long inputs lose the start of the prompt
         if self.tokenizer.pad_token_id is None:

@@ -316,9 +316,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def base_loss(cfg: TrainConfig) -> str:
+def base_loss(loss: LossConfig, rpo: RPOConfig) -> str:
     """The pairwise loss in use: ``loss.type``, or under RPO the ``rpo.base_loss`` on its contrast matrix."""
-    return cfg.rpo.base_loss if cfg.loss.type == "rpo" else cfg.loss.type
+    return rpo.base_loss if loss.type == "rpo" else loss.type
+
+
+# Which pairwise losses each modality's ℓ can feed. The diffusion ℓ = −½(‖ε−εθ‖² − ‖ε−εref‖²) is a log-ratio
+# with no log-likelihood of its own, so SimPO (reference-free, on the policy's log-probs) has nothing to
+# work on; odpo and rdpo take per-image scores from the data (score_0 / score_1), checked when they load.
+MODALITY_LOSSES = {"text": LOSS_TYPES, "diffusion": tuple(t for t in LOSS_TYPES if t != "simpo")}
 
 
 def score_checks(cfg: TrainConfig) -> dict[str, bool]:
@@ -327,19 +333,18 @@ def score_checks(cfg: TrainConfig) -> dict[str, bool]:
     odpo and rdpo read a score per answer; ODPO's per-pair offset log(s_w − s_l) also needs s_w > s_l in every
     row. Under RPO a cross pair's gap may be ≤ 0 whatever the rows hold: the objective clamps those.
     """
-    base = base_loss(cfg)
+    base = base_loss(cfg.loss, cfg.rpo)
     return {"needs_scores": base in ("odpo", "rdpo"), "chosen_scores_higher": base == "odpo" and cfg.loss.type != "rpo"}
 
 
 def check_diffusion_losses(cfg: TrainConfig) -> None:
-    """The losses a diffusion ℓ can feed. ℓ = −½(‖ε−εθ‖² − ‖ε−εref‖²) is a log-ratio with no log-likelihood of
-    its own: SimPO (reference-free, on log-probs) and the SFT term (an NLL) have nothing to work on. odpo and
-    rdpo take per-image scores from the data (``score_0`` / ``score_1``), checked when the data load."""
-    if base_loss(cfg) == "simpo":
+    """Refuse, before anything loads, what the diffusion ℓ cannot feed (:data:`MODALITY_LOSSES`), and the SFT
+    term (an NLL, which a UNet does not have)."""
+    if base_loss(cfg.loss, cfg.rpo) not in MODALITY_LOSSES["diffusion"]:
         key = "rpo.base_loss" if cfg.loss.type == "rpo" else "loss.type"
-        raise ConfigError(f"{key}: simpo needs the policy's own log-probs, which a diffusion UNet does not have "
-                          "(its ℓ is a difference of denoising errors); use sigmoid, ipo, hinge, robust, cdpo, "
-                          "odpo or rdpo")  # fmt: skip
+        raise ConfigError(f"{key}: {base_loss(cfg.loss, cfg.rpo)} needs the policy's own log-probs, which a "
+                          "diffusion UNet does not have (its ℓ is a difference of denoising errors); use one of "
+                          f"{', '.join(MODALITY_LOSSES['diffusion'])}")  # fmt: skip
     if cfg.loss.sft_weight:
         raise ConfigError("loss.sft_weight: the SFT term is a log-likelihood, which a diffusion UNet does not "
                           "have; set it to 0 for diffusion")  # fmt: skip

@@ -184,7 +184,7 @@ def evaluate(task: Task, model, cfg: TrainConfig, accelerator: Accelerator, step
         DataLoader(list(range(len(task.eval))), batch_size=cfg.eval_batch_size, collate_fn=task.collate_eval)
     )
     losses, logratios, labels = [], [], []
-    simpo = base_loss(cfg) == "simpo"
+    simpo = base_loss(cfg.loss, cfg.rpo) == "simpo"
     for batch in loader:
         with accelerator.autocast():  # the numerics of the training forward (and of the precomputed reference)
             rows = task.rows(model, batch)

@@ -76,7 +76,7 @@ def _hyperparameters(
                      "RPO temperature": cfg.rpo.temperature})  # fmt: skip
         if cfg.rpo.mode == "diagonal":
             rows["RPO diagonal weight"] = cfg.rpo.diagonal_weight
-    pairwise = base_loss(cfg)
+    pairwise = base_loss(cfg.loss, cfg.rpo)
     if pairwise in ("robust", "cdpo"):
         rows["label smoothing ε"] = loss.label_smoothing
     if pairwise == "simpo":
@@ -157,7 +157,7 @@ def write_model_card(folder: Path, cfg: TrainConfig, source: ModelSource | None,
     base_args = f'"{base_name}"' + (f', revision="{source.revision}"' if hub and source.revision else "")
     datasets = list(dict.fromkeys(d for d in map(hub_dataset_id, (cfg.dataset, cfg.eval_dataset)) if d))
     method = "rpo" if cfg.loss.type == "rpo" else "dpo"
-    tags = ["mmpref", method, base_loss(cfg)]
+    tags = ["mmpref", method, base_loss(cfg.loss, cfg.rpo)]
     if cfg.lora is not None:
         tags.append("lora")
     if diffusion:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mmpref.losses import PreferenceLossOutput, dpo_loss, rpo_loss
-from mmpref.training.config import LossConfig, RPOConfig
+from mmpref.training.config import LossConfig, RPOConfig, base_loss
 
 ODPO_MIN_SCORE_GAP = 1e-3  # RPO + odpo: log(s_w,i − s_l,j) of a cross pair with s_w,i ≤ s_l,j is clamped here
 
@@ -104,7 +104,7 @@ def preference_loss(loss_cfg: LossConfig, rpo_cfg: RPOConfig, rows: Rows) -> Pre
     """The configured loss on a batch of rows (already gathered across processes if asked)."""
     paired = rows.logratios.shape[1] == 2
     chosen, rejected = _split(rows)
-    base = rpo_cfg.base_loss if loss_cfg.type == "rpo" else loss_cfg.type
+    base = base_loss(loss_cfg, rpo_cfg)
     if base == "simpo":  # reference-free: the policy's own log-probs
         chosen = replace(chosen, logratios=chosen.policy_logps)
         rejected = replace(rejected, logratios=rejected.policy_logps)

@@ -155,7 +155,7 @@ class TextTask(Task):
                  model: nn.Module | None = None, tokenizer=None, train_dataset=None, eval_dataset=None):  # fmt: skip
         """``source``: the resolved ``model`` key (default: resolved here), unless ``model`` and ``tokenizer``
         are given already loaded; ``train_dataset`` / ``eval_dataset`` (in memory) replace the config's."""
-        self.reference_free = base_loss(cfg) == "simpo"
+        self.reference_free = base_loss(cfg.loss, cfg.rpo) == "simpo"
         frozen_copy = not self.reference_free and not cfg.precompute_ref and cfg.lora is None
         check_scale_out(cfg, accelerator, frozen_reference=frozen_copy, text=True)
         if source is None and model is None:

@@ -15,6 +15,8 @@ import torch
 
 from mmpref import dpo_loss, rpo_loss
 from mmpref.metrics import FeatureEmbedder, evaluate_style
+from mmpref.metrics.evaluate import run_eval_images
+from mmpref.metrics.tiny_scorers import make_tiny_scorers
 from mmpref.tiny_models import make_tiny_clip, make_tiny_lm, make_tiny_sd15, pretrain_tiny_sd15
 from mmpref.training import load_config, train
 
@@ -95,6 +97,14 @@ def diffusion_rpo() -> tuple[float, float]:
         score = evaluate_style(embedder, folder, data / "style_refs", n_resamples=200).metrics["style_score"]
         print(f"  {name:9s} samples: style score (stripe feature, not CLIP) {score.value:.3f} "
               f"[{score.ci_low:.3f}, {score.ci_high:.3f}]")  # fmt: skip
+    # The papers' preference scorers, as tiny random stand-ins (real weights: docs/evaluation.md): the
+    # numbers mean nothing here, the report, table and contact sheet are what a real run writes.
+    print("\n== mmpref eval images: reference vs trained samples, tiny random scorers")
+    models = make_tiny_scorers(tiny / "scorers")
+    result = run_eval_images(reference=samples / "reference", trained=samples / "step-00000200",
+                             scorers=list(models), scorer_models=models, out=out / "eval", device="cpu")  # fmt: skip
+    print(result.table)
+    print(f"  contact sheet: {result.sheet_path.relative_to(ROOT)}")
     return accuracy(out)
 
 

@@ -62,7 +62,9 @@ def test_no_pickle_in_mmpref():
                 if name.split(".")[0] in ("pickle", "dill", "joblib", "cloudpickle", "shelve", "marshal"):
                     problems.append(f"{path.name}:{node.lineno} imports {name}")
         for call, func in _calls(tree):
-            if func == "torch.save":
+            # the tiny scorers write the checkpoint formats the scorers' authors publish (HPS .pt, ImageReward.pt,
+            # the aesthetic .pth), so their loaders are tested on those formats; they load with weights_only
+            if func == "torch.save" and path.name != "tiny_scorers.py":
                 problems.append(f"{path.name}:{call.lineno} torch.save (use safetensors)")
             if func == "torch.load":
                 safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in call.keywords)

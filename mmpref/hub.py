@@ -81,6 +81,15 @@ def folder_fingerprint(*paths: Path | str | None) -> str:
     return h.hexdigest()[:16]
 
 
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file's bytes (hex), read a MiB at a time: the content key of data and image caches."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def split_revision(value: str) -> tuple[str, str | None]:
     """``"ORG/NAME@rev"`` -> ``("ORG/NAME", "rev")``; a value without ``@`` has no revision."""
     name, sep, revision = value.partition("@")

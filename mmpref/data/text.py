@@ -61,7 +61,7 @@ import datasets
 import pyarrow as pa
 import torch
 
-from mmpref.hub import HUB_ID, SENTENCE_TRANSFORMERS, resolve_model, split_revision
+from mmpref.hub import HUB_ID, SENTENCE_TRANSFORMERS, file_sha256, resolve_model, split_revision
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def _content_key(
     digest.update(json.dumps([builder.name, builder.config.name, BUILDER_OPTIONS.get(builder.name)]).encode())
     named = [(split, path) for split, paths in data_files.items() for path in paths]
     for label, path in [*named, *([("README.md", str(readme))] if readme and readme.is_file() else [])]:
-        digest.update(label.encode() + _file_digest(Path(path)))
+        digest.update(label.encode() + bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()[:32]
 
 
@@ -394,14 +394,6 @@ def _lf_line_ends(batch: dict[str, list]) -> dict[str, list]:
         k: [v.replace("\r\n", "\n") if isinstance(v, str) else v for v in values]
         for k, values in batch.items()
     }
-
-
-def _file_digest(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
 
 
 def _unreadable(name: Path | str, builder: str, files: list[str], exc: Exception) -> DataError:

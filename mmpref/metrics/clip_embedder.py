@@ -30,7 +30,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from mmpref.hub import load_open_clip, open_clip_name
+from mmpref.hub import file_sha256, load_open_clip, open_clip_name
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -255,14 +255,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "mmpref" / "clip-embeddings"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -383,7 +375,7 @@ class ClipEmbedder:
         st = path.stat()
         memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if memo_key not in self._hash_memo:
-            self._hash_memo[memo_key] = _sha256_file(path)
+            self._hash_memo[memo_key] = file_sha256(path)
         return self._hash_memo[memo_key]
 
     def _encode_images(self, images: list) -> torch.Tensor:

@@ -11,7 +11,7 @@ ratio from tiny configs does not count, docs/design.md §15).
 Contenders (all train the one LoRA UNet, each with its own AdamW over the adapters):
 
 1. ``mmpref``: mmpref's own objects: ``DiffusionTask`` (its constructor builds the latent and text
-   embedding cache, untimed), ``task.collate_train``, ``task.rows`` (one policy forward over [w; l], one
+   embedding cache, ``cache_latents: ahead``, untimed), ``task.collate_train``, ``task.rows`` (one policy forward over [w; l], one
    reference forward with the adapters disabled), ``preference_loss``, backward, gradient clipping,
    AdamW, LR scheduler: the body of ``mmpref.training.loop.train`` (see :func:`mmpref_runner`).
 2. ``diffusers-example``: a re-creation of the step of diffusers'
@@ -145,7 +145,7 @@ def make_task(model_dir: Path, data_file: Path, out_dir: Path, resolution: int, 
     overrides = [f"model={model_dir}", f"dataset={data_file}", f"output_dir={out_dir}", "report_to=none",
                  f"diffusion.resolution={resolution}", f"loss.beta={BETA}", "batch_size=1", "eval_batch_size=1",
                  f"learning_rate={LEARNING_RATE}", f"max_steps={steps}", f"seed={seed}", "max_grad_norm=1.0",
-                 "diffusion.prompt_dropout=0.0"]  # fmt: skip
+                 "diffusion.prompt_dropout=0.0", "diffusion.cache_latents=ahead"]  # fmt: skip
     if lora:
         overrides += [f"lora.r={LORA_RANK}", f"lora.alpha={LORA_RANK}"]  # on to_q, to_k, to_v, to_out.0
     cfg = load_config(None, overrides)
@@ -217,7 +217,7 @@ def example_runner(model_dir: Path, unet, task, resolution: int) -> Runner:
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     # what its data loader yields: (B, 6, H, W) pixels, chosen then rejected on channels, and input ids
     data = []
-    for pair in task.train.pairs:
+    for pair in task.train.data.pairs:
         pp = pair_pixels(pair, resolution).pixels  # (2, 3, R, R): chosen, rejected
         ids = tokenizer(pair.caption, max_length=tokenizer.model_max_length, padding="max_length",
                         truncation=True, return_tensors="pt").input_ids  # fmt: skip

@@ -82,12 +82,42 @@ def folder_fingerprint(*paths: Path | str | None) -> str:
 
 
 def file_sha256(path: Path | str) -> str:
-    """SHA-256 of a file's bytes (hex), read a MiB at a time: the content key of data and image caches."""
+    """SHA-256 of a file's bytes (hex): the content key of data and image caches.
+
+    Read a MiB at a time once, then remembered (:func:`hash_memo_dir`) by the file's resolved path, size,
+    modification and change times: an unchanged 300 GB dataset is not read again on the next run, while any
+    write to the file (which moves its mtime and ctime) makes it hashed afresh.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+    memo = hash_memo_dir() / hashlib.sha256(stamp.encode()).hexdigest()[:40]
+    try:
+        known = memo.read_text().strip()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:  # a read-only cache folder only costs the re-read next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".tmp_{os.getpid()}_{memo.name}")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
+
+
+def hash_memo_dir() -> Path:
+    """Where :func:`file_sha256` remembers hashes: ``$MMPREF_CACHE/file-sha256`` (default
+    ``~/.cache/mmpref``), one tiny file per (path, size, times) stamp."""
+    root = os.environ.get("MMPREF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmpref"
+    return Path(root) / "file-sha256"
 
 
 def split_revision(value: str) -> tuple[str, str | None]:

@@ -353,19 +353,19 @@ def test_image_paths_absolute_relative_and_under_image_root(image_tree):
                        ("a.png", "b.png", images)):  # relative to image_root  # fmt: skip
         (pair,) = prepare_image_dataset(image_rows(data, a, b), image_root=root).pairs
         assert (pair.chosen, pair.rejected) == expected, (a, root)
-    with pytest.raises(DataError, match="row 0: 'jpg_0' no such file"):
-        prepare_image_dataset(image_rows(data, "a.png", "b.png"))  # relative to the data folder by default
+    with pytest.raises(DataError, match=r"row 0 \(0-based\): 'jpg_0' no such file"):  # found when read
+        prepare_image_dataset(image_rows(data, "a.png", "b.png")).load(0)  # relative to the data folder by default
     with pytest.raises(DataError, match="image_root: no such folder"):
         prepare_image_dataset(image_rows(data, "a.png", "b.png"), image_root=data / "missing")
 
 
 def test_confine_image_paths_keeps_paths_inside_the_folder(image_tree):
     images, data = image_tree
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DataError) as err:  # found when the row is read
         prepare_image_dataset(
             image_rows(data, str(images / "a.png"), "../images/b.png"), confine_image_paths=True
-        )
-    assert "row 0: 'jpg_0' path" in str(err.value) and "points outside the dataset folder" in str(err.value)
+        ).load(0)
+    assert "row 0 (0-based): 'jpg_0' path" in str(err.value) and "points outside the dataset folder" in str(err.value)
     assert "'jpg_1' path '../images/b.png' points outside" in str(err.value)
     (pair,) = prepare_image_dataset(image_rows(data, "a.png", str(images / "b.png")), image_root=images,
                                     confine_image_paths=True).pairs  # fmt: skip

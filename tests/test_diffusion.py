@@ -19,7 +19,7 @@ from mmpref.adapters.diffusion import (
 )
 from mmpref.data import DataError
 from mmpref.data.image_task import make_image_style_task
-from mmpref.data.images import clip_embeddings, pair_pixels, prepare_image_dataset
+from mmpref.data.images import PairEmbedder, pair_pixels, prepare_image_dataset, validate_image_data
 from mmpref.tiny_models import make_tiny_clip, make_tiny_sd15, make_tiny_sdxl
 from mmpref.training import ConfigError, load_config, train
 from mmpref.training.config import LossConfig, RPOConfig
@@ -177,16 +177,19 @@ def test_bad_rows_are_reported_by_row_number_and_ties_counted(tmp_path):
     ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError) as e:
+    with pytest.raises(DataError) as e:  # opening checks what needs no image bytes
         prepare_image_dataset(path)
     msg = str(e.value)
-    for expected in ("row 1: empty 'caption'", "row 3: 'jpg_0' does not decode", "row 4: 'jpg_0' no such file",
-                     "row 5: 'label_0' must be 1, 0 or 0.5", "row 6: 'jpg_0' and 'jpg_1' are the same image"):  # fmt: skip
+    for expected in ("row 1: empty 'caption'", "row 5: 'label_0' must be 1, 0 or 0.5"):
         assert expected in msg
-    assert "5 of 8 rows are bad" in msg
+    assert "2 of 8 rows are bad" in msg
     ds = prepare_image_dataset(path, on_bad_rows="skip")
-    assert (ds.skipped, ds.ties, [p.row for p in ds.pairs]) == (5, 1, [0, 7])
-    assert ds.pairs[1].chosen == tmp_path / "b.png"  # label_0 = 0: jpg_1 is chosen
+    assert (ds.skipped, ds.ties, [p.row for p in ds.pairs]) == (2, 1, [0, 3, 4, 6, 7])
+    assert ds.pairs[4].chosen == tmp_path / "b.png"  # label_0 = 0: jpg_1 is chosen
+    bad = validate_image_data(ds)  # the images, read as a batch or `mmpref validate-data` reads them
+    assert [str(b)[: len(want)] for b, want in zip(bad, ("row 3: 'jpg_0' does not decode", "row 4: 'jpg_0' no such file",
+            "row 6: 'jpg_0' and 'jpg_1' are the same image"))] == ["row 3: 'jpg_0' does not decode",
+            "row 4: 'jpg_0' no such file", "row 6: 'jpg_0' and 'jpg_1' are the same image"]  # fmt: skip
     (tmp_path / "cols.jsonl").write_text(json.dumps({"caption": "x", "jpg_0": "a.png"}) + "\n")
     with pytest.raises(DataError, match="missing columns jpg_1, label_0"):
         prepare_image_dataset(tmp_path / "cols.jsonl")
@@ -216,10 +219,16 @@ def test_images_as_bytes_in_parquet(tmp_path):
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_cached_and_uncached_logratios_agree(tiny, tmp_path, kind):
     acc = Accelerator(cpu=True)
-    tasks = [DiffusionTask(config(tiny, tmp_path / c, f"diffusion.cache_latents={c}", kind=kind), acc)
-             for c in ("true", "false")]  # fmt: skip
+    import shutil
+
+    fresh = tmp_path / "data"  # a copy of the data: its own, empty cache folder for the lazy task
+    shutil.copytree(Path(tiny["train"]).parent, fresh, ignore=shutil.ignore_patterns(".mmpref_cache"))
+    lazy = (f"dataset={fresh / 'train.jsonl'}", f"eval_dataset={fresh / 'eval.jsonl'}")
+    tasks = [DiffusionTask(config(tiny, tmp_path / c, f"diffusion.cache_latents={c}", *more, kind=kind), acc)
+             for c, more in (("ahead", ()), ("off", ()), ("lazy", lazy))]  # fmt: skip
     assert tasks[0].is_sdxl == (kind == "sdxl")
     assert tasks[0].vae is None and tasks[0].text_encoders == []  # freed: the cache holds everything
+    assert tasks[2].vae is not None  # lazy: kept until every row is cached
     logratios = []
     for task in tasks:
         perturbed(task.model)
@@ -229,15 +238,16 @@ def test_cached_and_uncached_logratios_agree(tiny, tmp_path, kind):
             logratios.append(task.rows(task.model, batch).logratios)
     assert logratios[0].abs().min() > 0
     torch.testing.assert_close(logratios[0], logratios[1], atol=2e-4, rtol=2e-2)
+    assert torch.equal(logratios[0], logratios[2])  # encoded as the batch reads it: the stored values, exactly
 
 
 def test_training_with_the_cache_never_encodes(tiny, tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    train(config(tiny, tmp_path / "first"))  # builds the cache beside the dataset
+    train(config(tiny, tmp_path / "first", "diffusion.cache_latents=ahead"))  # the whole cache, beside the data
     cache_dir = Path(tiny["train"]).parent / ".mmpref_cache"
-    assert any(cache_dir.glob("latents-*/index.json"))
+    assert any(cache_dir.glob("latents-*/chunk-*.safetensors"))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("an encoder ran during training with cache_latents")
@@ -265,19 +275,21 @@ def test_xformers_missing_is_a_config_error(tiny, tmp_path):
 
 def test_rpo_uses_cached_clip_embeddings_per_image(tiny, tmp_path, monkeypatch):
     ds = prepare_image_dataset(tiny["eval"])
-    cache = tmp_path / "emb"
-    emb = clip_embeddings(ds.pairs, model=f"local-dir:{tiny['clip']}", mode="image+text", cache_dir=cache)
+    pairs = [ds.load(i) for i in range(len(ds))]
+    emb = PairEmbedder(f"local-dir:{tiny['clip']}", mode="image+text")(pairs)
     assert emb.shape == (len(ds), 2, 32)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(ds), 2))
     assert not torch.allclose(emb[:, 0], emb[:, 1])  # one embedding per image
-    text = clip_embeddings(ds.pairs, model=f"local-dir:{tiny['clip']}", mode="text")
+    text = PairEmbedder(f"local-dir:{tiny['clip']}", mode="text")(pairs)
     assert torch.equal(text[:, 0], text[:, 1])
+    rpo = ("loss.type=rpo", f"rpo.clip_model=local-dir:{tiny['clip']}", "diffusion.cache_latents=ahead")
+    DiffusionTask(config(tiny, tmp_path / "fill", *rpo), Accelerator(cpu=True))  # fills the CLIP cache too
     import mmpref.data.images as images
 
     monkeypatch.setattr(images, "load_open_clip", lambda *a, **k: pytest.fail("cache miss"))
-    torch.testing.assert_close(
-        clip_embeddings(ds.pairs, model=f"local-dir:{tiny['clip']}", mode="image+text", cache_dir=cache), emb
-    )
+    task = DiffusionTask(config(tiny, tmp_path / "hit", *rpo), Accelerator(cpu=True))
+    batch = task.collate_eval(list(range(len(ds))))
+    torch.testing.assert_close(batch["embeddings"], emb, atol=1e-3, rtol=0)  # stored as float16
     monkeypatch.undo()
     cfg = config(tiny, tmp_path / "run", "loss.type=rpo", f"rpo.clip_model=local-dir:{tiny['clip']}")
     task = DiffusionTask(cfg, Accelerator(cpu=True))

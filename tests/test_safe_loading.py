@@ -14,7 +14,6 @@ from PIL import Image
 
 from mmpref.cli import main
 from mmpref.data import text as text_mod
-from mmpref.data.images import clip_embeddings, prepare_image_dataset
 from mmpref.rdpo.config import EvalRewardConfig, ScoreConfig, SynthConfig
 from mmpref.tiny_models import make_tiny_lm, make_tiny_sd15
 from mmpref.training import load_config
@@ -249,15 +248,22 @@ def test_latent_cache_follows_images_and_vae(sd15, tmp_path):
     def latents():
         cfg = load_config(None, [f"model={model}", f"dataset={data}", f"output_dir={tmp_path / 'o'}",
                                  "report_to=none", "diffusion.resolution=16", "loss.beta=5000", "max_length=64",
-                                 "max_prompt_length=32"])  # fmt: skip
-        return DiffusionTask(cfg, Accelerator(cpu=True)).train.cache.rows([0, 1, 2])["latents"].float()
+                                 "max_prompt_length=32", "diffusion.cache_latents=ahead"])  # fmt: skip
+        split = DiffusionTask(cfg, Accelerator(cpu=True)).train
+        return split.latents.get([split.data.row(i) for i in range(3)])["latents"].float()
+
+    def chunks():
+        return sorted(cache.glob("latents-*/chunk-*"))
 
     first = latents()
     latents()
-    assert len(list(cache.glob("latents-*"))) == 1  # a hit
+    assert len(list(cache.glob("latents-*"))) == 1 and len(chunks()) == 1  # a hit: nothing encoded again
     Image.new("RGB", (16, 16), "purple").save(data.parent / "1a.png")  # an image edited in place
     edited = latents()
-    assert len(list(cache.glob("latents-*"))) == 2
+    assert len(list(cache.glob("latents-*"))) == 1 and len(chunks()) == 2  # that row alone, encoded again
+    from safetensors.torch import load_file
+
+    assert load_file(chunks()[-1])["row"].tolist() == [1]
     torch.testing.assert_close(edited[[0, 2]], first[[0, 2]])
     assert not torch.allclose(edited[1], first[1])
     from safetensors.torch import load_file, save_file
@@ -265,12 +271,13 @@ def test_latent_cache_follows_images_and_vae(sd15, tmp_path):
     (vae_weights,) = (model / "vae").glob("*.safetensors")
     save_file({k: v * 1.5 for k, v in load_file(vae_weights).items()}, vae_weights)  # a retrained VAE
     other_vae = latents()
-    assert len(list(cache.glob("latents-*"))) == 3  # a new cache, not the old latents
+    assert len(list(cache.glob("latents-*"))) == 2  # a new cache, not the old latents
     assert not torch.allclose(other_vae, edited)
 
 
-def test_clip_embedding_cache_follows_captions_and_model(tmp_path, monkeypatch):
+def test_clip_embedding_cache_follows_captions_and_model(sd15, tmp_path, monkeypatch):
     import mmpref.data.images as images
+    from mmpref.training.diffusion_task import DiffusionTask
 
     loads = []
 
@@ -288,20 +295,22 @@ def test_clip_embedding_cache_follows_captions_and_model(tmp_path, monkeypatch):
     (clip / "open_clip_config.json").write_text("{}")
     (clip / "open_clip_model.safetensors").write_bytes(b"one")
     data = image_task(tmp_path / "task")
-    pairs = prepare_image_dataset(data).pairs
-    cache = tmp_path / "cache"
 
-    def embed(p):
-        return clip_embeddings(p, model=f"local-dir:{clip}", mode="text", cache_dir=cache)
+    def embed():  # every row's embedding, cached before training (cache_latents: ahead)
+        cfg = load_config(None, [f"model={sd15}", f"dataset={data}", f"output_dir={tmp_path / 'o'}", "report_to=none",
+                                 "diffusion.resolution=16", "loss.beta=5000", "max_length=64", "max_prompt_length=32",
+                                 "diffusion.cache_latents=ahead", "loss.type=rpo", f"rpo.clip_model=local-dir:{clip}",
+                                 "rpo.embedding=text"])  # fmt: skip
+        DiffusionTask(cfg, Accelerator(cpu=True))
 
-    embed(pairs)
-    embed(pairs)
+    embed()
+    embed()
     assert len(loads) == 1  # a hit
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     rows[0]["caption"] = "a red square, edited"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    embed(prepare_image_dataset(data).pairs)
+    embed()
     assert len(loads) == 2  # other captions: recomputed
     (clip / "open_clip_model.safetensors").write_bytes(b"two, retrained")
-    embed(prepare_image_dataset(data).pairs)
+    embed()
     assert len(loads) == 3  # other weights: recomputed

@@ -172,15 +172,20 @@ def test_two_process_text_dpo_matches_one_process(tmp_path, capsys):
 
 
 def test_two_process_diffusion_dpo_matches_one_process(tmp_path):
-    """Each pair's dropout, flip, ε and t come from its own seed, so the process layout does not matter."""
+    """Each pair's dropout, flip, ε and t come from its own seed, so the process layout does not matter;
+    the two processes fill one lazy latent cache between them, the single process a cache of its own."""
     model = make_tiny_sd15(tmp_path / "sd15", seed=0)
-    train_file, eval_file = make_image_style_task(tmp_path / "task", n_train=8, n_eval=4, seed=1)
-    common = [f"model={model}", f"dataset={train_file}", f"eval_dataset={eval_file}", "report_to=none",
-              "diffusion.resolution=64", "diffusion.random_flip=true", "diffusion.prompt_dropout=0.5",
-              "loss.beta=5000", "max_steps=2", "eval_batch_size=2", "learning_rate=1e-4", "log_every=1",
-              "lr_scheduler=constant"]  # fmt: skip
+    runs = {}
+    for name in ("ddp", "single"):  # a copy of the data each: caches live beside the data
+        train_file, eval_file = make_image_style_task(tmp_path / f"task-{name}", n_train=8, n_eval=4, seed=1)
+        runs[name] = [f"dataset={train_file}", f"eval_dataset={eval_file}", f"output_dir={tmp_path / name}"]
+    common = [f"model={model}", "report_to=none", "diffusion.resolution=64", "diffusion.random_flip=true",
+              "diffusion.prompt_dropout=0.5", "loss.beta=5000", "max_steps=6", "eval_batch_size=2",
+              "learning_rate=1e-4", "log_every=1", "lr_scheduler=constant", "save_every=4"]  # fmt: skip
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    launch_two_processes([str(cfg), *common, "batch_size=1", f"output_dir={tmp_path / 'ddp'}"])
-    train(load_config(None, [*common, "batch_size=2", f"output_dir={tmp_path / 'single'}"]))
-    assert_same_run(tmp_path / "ddp", tmp_path / "single", steps=2)
+    launch_two_processes([str(cfg), *common, "batch_size=1", *runs["ddp"]])
+    train(load_config(None, [*common, "batch_size=2", *runs["single"]]))
+    assert_same_run(tmp_path / "ddp", tmp_path / "single", steps=6)  # epoch 2 reads what epoch 1 cached
+    chunks = list((tmp_path / "task-ddp" / ".mmpref_cache").glob("latents-*/chunk-*.safetensors"))
+    assert len({c.name.split("-")[-1] for c in chunks}) >= 2  # both processes wrote chunks of their own

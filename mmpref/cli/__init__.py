@@ -2,7 +2,7 @@
 
 The commands, by family (each module's ``register`` adds its parsers, in the order of ``mmpref --help``):
 
-- :mod:`mmpref.cli.train`: ``train``, ``make-tiny``, ``sample``;
+- :mod:`mmpref.cli.train`: ``train``, ``validate-data``, ``cache``, ``make-tiny``, ``sample``;
 - :mod:`mmpref.cli.style`: ``style-score``, ``compare-style``;
 - :mod:`mmpref.cli.rdpo`: ``synth``, ``score``;
 - :mod:`mmpref.cli.evaluate`: ``eval-reward``, ``eval images``, ``eval text``.

@@ -1,5 +1,5 @@
-"""``mmpref train``, ``mmpref make-tiny`` and ``mmpref sample``: training runs, tiny demo models, a run's
-images."""
+"""``mmpref train``, ``validate-data``, ``cache``, ``make-tiny`` and ``sample``: training runs, their data
+checked or encoded ahead, tiny demo models, a run's images."""
 
 from __future__ import annotations
 
@@ -29,6 +29,29 @@ def _train(args: argparse.Namespace) -> int:
         print(f"mmpref train: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     print(f"final model: {final}")
+    return 0
+
+
+def _validate_data(args: argparse.Namespace) -> int:
+    from mmpref.training import load_config
+    from mmpref.training.data_check import find_bad_rows
+
+    cfg = load_config(args.config, args.overrides)
+    found = find_bad_rows(cfg)
+    for name, bad in found.items():
+        for row in bad:
+            print(f"{name}: {row}")
+    total = sum(len(b) for b in found.values())
+    print(f"{total} bad rows in {', '.join(str(n) for n in found)}" if total else "every row is usable")
+    return 1 if total else 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from mmpref.training import load_config
+    from mmpref.training.data_check import fill_caches
+
+    for folder in fill_caches(load_config(args.config, args.overrides)):
+        print(f"cache complete: {folder}")
     return 0
 
 
@@ -72,6 +95,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in output_dir, or from the given one")  # fmt: skip
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("validate-data", help="read every row of a config's data (images decoded) and list the bad "
+                       "ones; exit 1 when there are any")  # fmt: skip
+    p.add_argument("config", type=Path)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    p.set_defaults(func=_validate_data)
+
+    p = sub.add_parser("cache", help="encode a diffusion config's data into its caches before training "
+                       "(accelerate launch -m mmpref.cli cache CONFIG: every process takes its share; resumable)")  # fmt: skip
+    p.add_argument("config", type=Path)
+    p.add_argument("overrides", nargs="*", help="dotted.key=value")
+    p.set_defaults(func=_cache)
 
     p = sub.add_parser("make-tiny", help="write a tiny random model folder (for demos and tests)")
     p.add_argument("kind", choices=["lm", "sd15", "sdxl", "clip", *TINY_SCORER_KINDS])

@@ -31,11 +31,13 @@ drawn once per row when the cache is built (seeded), so with caching it is fixed
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import logging
 import warnings
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +49,11 @@ import torch
 from PIL import Image
 
 from mmpref.data.text import (
+    ROWS_PER_BATCH,
     BadRow,
     DataError,
     _text_problem,
     bad_rows_error,
-    iter_rows,
     open_rows,
     score_problem,
 )
@@ -63,45 +65,182 @@ IMAGE_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 IMAGE_SCORE_COLUMNS = ("score_0", "score_1")
 LABELS = (0, 0.5, 1)
 MAX_IMAGE_PIXELS = 64 * 2**20  # 8192 x 8192: far above any training resolution, ~200 MB decoded as RGB
-ImageRef = bytes | Path
+ImageRef = bytes | Path | Image.Image  # a decoded image once a row has been read and checked
 
 
 @dataclass(frozen=True)
 class ImagePair:
-    """One usable row: ``row`` is its 0-based number in the source, images are bytes or file paths."""
+    """One pair as a batch reads it: ``row`` is its 0-based number in the source; images are bytes or file
+    paths (:meth:`ImageRows.pair`), or decoded RGB images once checked (:meth:`ImageRows.load`)."""
 
     row: int
     caption: str
     chosen: ImageRef
     rejected: ImageRef
-    digest: str  # sha256 of caption and both images' bytes, in chosen/rejected order
     scores: tuple[float, float] | None = None  # (chosen, rejected) from score_0 / score_1, for odpo / rdpo
 
 
-@dataclass
-class ImageDataset:
-    """The usable pairs of a source and what was dropped; ``cache_dir``: where caches derived from them go
-    (latents, CLIP embeddings), as :class:`mmpref.data.text.TextDataset`'s."""
+class BadImageRow(DataError):
+    """A row whose image turned out bad when it was first read (during training or ``validate-data``)."""
 
-    pairs: list[ImagePair]
-    skipped: int  # bad rows dropped with on_bad_rows=skip
-    ties: int  # label_0 == 0.5 rows, dropped by design
-    source: Path | str
-    cache_dir: Path
+    def __init__(self, source: Path | str, row: int, reason: str):
+        self.row, self.reason = row, reason
+        super().__init__(
+            f"{source}: row {row} (0-based): {reason}. Fix the row, or set `on_bad_rows: skip` to train "
+            "without it (`mmpref validate-data CONFIG` lists every bad row before a run)"
+        )
+
+
+class ImageRows:
+    """The usable pairs of a source as an index into its memory-mapped Arrow rows.
+
+    Per pair the process holds 8 bytes (its source row number); captions, labels, scores and images are read
+    from the Arrow table when a batch asks for them. Cheap checks (columns, captions, labels, scores, null
+    images) ran when the rows were opened (:func:`prepare_image_dataset`); images are checked when first read
+    (:meth:`load`), and a bad one raises :class:`BadImageRow`.
+
+    ``identity`` says what the rows are (:func:`mmpref.data.text.rows_identity`): with a row number it keys
+    every cache derived from a row. ``bad`` / ``skipped`` / ``ties``: rows dropped by the cheap checks
+    (``on_bad_rows: skip``; the list and its length) and tied rows (``label_0`` = 0.5), dropped by design.
+    """
+
+    def __init__(self, ds: datasets.Dataset, rows: np.ndarray, *, source: Path | str, cache_dir: Path, identity: str,
+                 base: Path, confine_to: Path | None, has_scores: bool, bad: Sequence[BadRow] = (), ties: int = 0):  # fmt: skip
+        self.dataset, self.rows = ds, rows
+        self.source, self.cache_dir, self.identity = source, cache_dir, identity
+        self.base, self.confine_to, self.has_scores = base, confine_to, has_scores
+        self.bad, self.skipped, self.ties = list(bad), len(bad), ties
+        meta = ["caption", "label_0", *(IMAGE_SCORE_COLUMNS if has_scores else ())]
+        self._meta = ds.select_columns(meta)  # reads of these never touch the image bytes
+        self._images = ds.select_columns(["jpg_0", "jpg_1", "label_0"])
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.rows)
+
+    def subset(self, positions: Sequence[int]) -> ImageRows:
+        """These positions only (a held-out split); the same source, identity and caches."""
+        out = copy.copy(self)
+        out.rows = self.rows[np.asarray(positions, dtype=np.int64)]
+        return out
+
+    @property
+    def pairs(self) -> Sequence[ImagePair]:
+        """``pairs[i]`` is :meth:`pair` ``(i)``: a view, nothing is read until indexed."""
+        return _PairView(self)
+
+    def row(self, i: int) -> int:
+        """The source row number of position ``i``."""
+        return int(self.rows[i])
+
+    def meta(self, positions: Sequence[int]) -> tuple[list[int], list[str], list[tuple[float, float]] | None]:
+        """(source rows, captions, (chosen, rejected) scores or None) of these positions, without image bytes."""
+        rows = [int(self.rows[i]) for i in positions]
+        got = self._meta[rows]
+        scores = None
+        if self.has_scores:
+            scores = [(a, b) if label == 1 else (b, a)
+                      for a, b, label in zip(got["score_0"], got["score_1"], got["label_0"])]  # fmt: skip
+        return rows, got["caption"], scores
+
+    def image_stamps(self, positions: Sequence[int]) -> list[int]:
+        """Per position, a number that changes when an image file the row names changes (size or mtime): 0 for
+        images stored in the rows themselves (the rows' identity covers those), -1 for a file that is gone."""
+        rows = [int(self.rows[i]) for i in positions]
+        table = self._images.with_format("arrow")[rows]
+        stamps = []
+        for k in range(len(rows)):
+            parts = [_file_stamp(table.column(c)[k], self.base) for c in ("jpg_0", "jpg_1")]
+            if all(p == "" for p in parts):
+                stamps.append(0)
+            elif any(p is None for p in parts):
+                stamps.append(-1)
+            else:
+                digest = hashlib.sha256("\0".join(parts).encode()).digest()
+                stamps.append(int.from_bytes(digest[:8], "little") >> 1 or 1)
+        return stamps
+
+    def pair(self, i: int) -> ImagePair:
+        """Position ``i`` as image references (bytes or resolved paths), ordered (chosen, rejected)."""
+        row = int(self.rows[i])
+        rec = {**self._images[row], "caption": self._meta[row]["caption"]}
+        refs = [_resolve(rec[c], self.base, self.confine_to)[0] for c in ("jpg_0", "jpg_1")]
+        order = (0, 1) if rec["label_0"] == 1 else (1, 0)
+        _, _, scores = self.meta([i])
+        return ImagePair(row, rec["caption"], refs[order[0]], refs[order[1]], scores[0] if scores else None)
+
+    def load(self, i: int) -> ImagePair:
+        """Position ``i`` read and checked: its images decoded to RGB, ordered (chosen, rejected).
+
+        A missing, unreadable, undecodable, oversized or identical image raises :class:`BadImageRow` naming
+        the row and the column.
+        """
+        row = int(self.rows[i])
+        rec = self._images[row]
+        problems, images = _read_images(rec["jpg_0"], rec["jpg_1"], self.base, self.confine_to)
+        if problems:
+            raise BadImageRow(self.source, row, "; ".join(problems))
+        order = (0, 1) if rec["label_0"] == 1 else (1, 0)
+        _, captions, scores = self.meta([i])
+        return ImagePair(row, captions[0], images[order[0]], images[order[1]], scores[0] if scores else None)
+
+    def find_bad(self, *, desc: str = "check images") -> list[BadRow]:
+        """Every row whose images are bad, read in order with a progress bar (memory stays flat)."""
+        from mmpref.progress import progress
+
+        bad = []
+        for i in progress(range(len(self)), desc=desc, unit="pair"):
+            try:
+                self.load(i)
+            except BadImageRow as exc:
+                bad.append(BadRow(exc.row, exc.reason))
+        return bad
+
+
+class _PairView(Sequence):
+    def __init__(self, rows: ImageRows):
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self._rows.pair(k) for k in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self._rows.pair(i % len(self))
+
+
+def _file_stamp(cell: Any, base: Path) -> str | None:
+    """``""`` for an image stored as bytes, else ``"path:size:mtime"`` of its file (None: not a file)."""
+    value = cell.as_py() if hasattr(cell, "as_py") else cell
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return ""
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return ""
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        return None
+    try:
+        path = base / Path(value).expanduser()
+        st = path.stat()
+    except (OSError, ValueError):
+        return None
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
 # ------------------------------------------------------------------------------------------ images
 
 
-def read_image_bytes(ref: ImageRef) -> bytes:
+def read_image_bytes(ref: bytes | Path) -> bytes:
     return ref if isinstance(ref, bytes) else Path(ref).read_bytes()
 
 
 def load_image(ref: ImageRef) -> Image.Image:
-    """Decode an image reference to RGB."""
+    """Decode an image reference to RGB (a decoded image is converted, not decoded again)."""
+    if isinstance(ref, Image.Image):
+        return ref if ref.mode == "RGB" else ref.convert("RGB")
     with Image.open(io.BytesIO(read_image_bytes(ref))) as img:
         return img.convert("RGB")
 
@@ -142,22 +281,26 @@ def _resolve(value: Any, base: Path, confine_to: Path | None = None) -> tuple[Im
     return None, f"must be bytes or a file path, got {type(value).__name__}"
 
 
-def _decode_problem(data: bytes) -> str | None:
+def _decode(data: bytes) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None) or (None, problem): the size is checked from the header before decoding."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
             with Image.open(io.BytesIO(data)) as img:  # reads the header only
                 if img.width < 1 or img.height < 1:
-                    return "has no pixels"
+                    return None, "has no pixels"
                 if img.width * img.height > MAX_IMAGE_PIXELS:
-                    return (
+                    return None, (
                         f"is {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS} allowed "
                         "(a decompression bomb, or an image to downscale before training)"
                     )
-                img.load()
+                return img.convert("RGB"), None
     except Exception as exc:  # PIL raises many types for corrupt data
-        return f"does not decode as an image ({type(exc).__name__}: {exc})"
-    return None
+        return None, f"does not decode as an image ({type(exc).__name__}: {exc})"
+
+
+def _decode_problem(data: bytes) -> str | None:
+    return _decode(data)[1]
 
 
 def _label_problem(label: Any) -> str | None:
@@ -205,6 +348,28 @@ def image_row_problems(
     return reasons, refs, blobs
 
 
+def _read_images(jpg_0: Any, jpg_1: Any, base: Path, confine_to: Path | None) -> tuple[list[str], list[Image.Image]]:
+    """(problems, decoded images) of one row's two image cells; each image is read and decoded once."""
+    problems, images, blobs = [], [], []
+    for name, value in (("jpg_0", jpg_0), ("jpg_1", jpg_1)):
+        ref, problem = _resolve(value, base, confine_to)
+        data = image = None
+        if problem is None:
+            try:
+                data = read_image_bytes(ref)
+            except OSError as exc:
+                problem = f"unreadable ({exc})"
+        if problem is None:
+            image, problem = _decode(data) if data else (None, "is an empty file")
+        if problem:
+            problems.append(f"{name!r} {problem}")
+        images.append(image)
+        blobs.append(data)
+    if not problems and blobs[0] == blobs[1]:
+        problems.append("'jpg_0' and 'jpg_1' are the same image")
+    return problems, images
+
+
 def prepare_image_dataset(
     source: Any,
     *,
@@ -216,8 +381,12 @@ def prepare_image_dataset(
     confine_image_paths: bool = False,
     needs_scores: bool = False,
     chosen_scores_higher: bool = False,
-) -> ImageDataset:
-    """Load Pick-a-Pic-style rows, validate every one, order each pair as (chosen, rejected).
+) -> ImageRows:
+    """Open Pick-a-Pic-style rows as an index (:class:`ImageRows`) after the checks that read no image bytes.
+
+    Columns, captions, labels, scores and null image cells are checked here, a batch of Arrow rows at a time;
+    images are checked when first read (by a batch, the cache fill, or ``mmpref validate-data``), so opening a
+    dataset of a million pairs takes seconds and holds 8 bytes per pair.
 
     Optional ``score_0`` / ``score_1`` columns (a reward model's score of ``jpg_0`` / ``jpg_1``) feed odpo and
     rdpo: ``needs_scores`` requires them, ``chosen_scores_higher`` also the preferred image's score above the
@@ -225,14 +394,12 @@ def prepare_image_dataset(
 
     ``source``, ``config_name``, ``split``, ``revision``: as :func:`mmpref.data.text.open_rows` takes them
     (an in-memory ``datasets.Dataset`` or list of dicts too). ``image_root`` and ``confine_image_paths``:
-    where relative image paths start and whether paths must stay there (module docstring). Rows are read a
-    batch at a time and every image is decoded once here, so a corrupt file stops the run before step 0
-    (or is skipped).
+    where relative image paths start and whether paths must stay there (module docstring).
     """
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
-    rows = open_rows(source, config_name=config_name, split=split, revision=revision)
-    ds, name = rows.dataset, rows.name
+    src = open_rows(source, config_name=config_name, split=split, revision=revision)
+    ds, name = src.dataset, src.name
     missing = [c for c in IMAGE_COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(
@@ -246,7 +413,7 @@ def prepare_image_dataset(
         if not base.is_dir():
             raise DataError(f"image_root: no such folder {image_root}")
     else:
-        base = rows.folder or Path.cwd()
+        base = src.folder or Path.cwd()
     confine_to = base if confine_image_paths else None
     if confine_to is not None and image_root is None and base.parent.name == "snapshots":
         confine_to = base.parent.parent  # a hub snapshot's files link into its repo's blobs/ folder
@@ -258,33 +425,7 @@ def prepare_image_dataset(
     for column in ("jpg_0", "jpg_1"):  # datasets.Image: the stored bytes / path, not a decoded PIL image
         if isinstance(ds.features[column], datasets.Image) and ds.features[column].decode:
             ds = ds.cast_column(column, datasets.Image(decode=False))
-    pairs, bad, ties = [], [], 0
-    for i, row in enumerate(iter_rows(ds)):
-        caption, label = row["caption"], row["label_0"]
-        reasons, refs, blobs = image_row_problems(caption, row["jpg_0"], row["jpg_1"], label, base,
-                                                  confine_to=confine_to)  # fmt: skip
-        order = (0, 1) if label == 1 else (1, 0)
-        scores = None
-        if has_scores:
-            raw = [row[c] for c in IMAGE_SCORE_COLUMNS]
-            found = [r for c, v in zip(IMAGE_SCORE_COLUMNS, raw) if (r := score_problem(c, v))]
-            reasons += found
-            if not found:
-                scores = (float(raw[order[0]]), float(raw[order[1]]))
-                if chosen_scores_higher and label != 0.5 and not scores[0] > scores[1]:
-                    reasons.append(f"the preferred image's score ({scores[0]}) must exceed the other's "
-                                   f"({scores[1]}): ODPO's offset log(s_w − s_l) is undefined otherwise")  # fmt: skip
-        if reasons:
-            bad.append(BadRow(i, "; ".join(reasons)))
-            continue
-        if label == 0.5:
-            ties += 1
-            continue
-        h = hashlib.sha256(caption.encode())
-        for k in order:
-            h.update(hashlib.sha256(blobs[k]).digest())
-        pairs.append(ImagePair(i, caption, refs[order[0]], refs[order[1]], h.hexdigest(), scores))
-
+    rows, bad, ties = _cheap_checks(ds, has_scores, chosen_scores_higher)
     if bad and on_bad_rows == "error":
         raise bad_rows_error(name, bad, ds.num_rows)
     if bad:
@@ -292,9 +433,115 @@ def prepare_image_dataset(
                        ds.num_rows, "; ".join(str(b) for b in bad[:3]))  # fmt: skip
     if ties:
         logger.info("%s: dropped %d tied rows (label_0 = 0.5)", name, ties)
-    if not pairs:
+    if not len(rows):
         raise DataError(f"{name}: no usable pairs ({len(bad)} bad rows, {ties} ties)")
-    return ImageDataset(pairs=pairs, skipped=len(bad), ties=ties, source=name, cache_dir=rows.cache_dir)
+    return ImageRows(ds, rows, source=name, cache_dir=src.cache_dir, identity=src.identity, base=base,
+                     confine_to=confine_to, has_scores=has_scores, bad=bad, ties=ties)  # fmt: skip
+
+
+def _cheap_checks(ds: datasets.Dataset, has_scores: bool, chosen_scores_higher: bool) -> tuple[np.ndarray, list[BadRow], int]:
+    """(usable source rows, bad rows, ties) from every column but the image bytes: the images' null cells
+    come from Arrow's validity bitmaps, so no image is read."""
+    meta = ["caption", "label_0", *(IMAGE_SCORE_COLUMNS if has_scores else ())]
+    images = ds.select_columns(["jpg_0", "jpg_1"]).with_format("arrow")
+    usable, bad, ties, start = array("q"), [], 0, 0
+    for batch, arrow in zip(ds.select_columns(meta).iter(batch_size=ROWS_PER_BATCH),
+                            images.iter(batch_size=ROWS_PER_BATCH)):  # fmt: skip
+        nulls = [arrow.column(c).is_null().to_pylist() for c in ("jpg_0", "jpg_1")]
+        for k, (caption, label) in enumerate(zip(batch["caption"], batch["label_0"])):
+            reasons = []
+            if isinstance(caption, str) or caption is None:
+                if problem := _text_problem("caption", caption):
+                    reasons.append(problem)
+            else:
+                reasons.append(f"'caption' must be a string, got {type(caption).__name__}")
+            if problem := _label_problem(label):
+                reasons.append(problem)
+            reasons += [f"{c!r} missing" for c, null in zip(("jpg_0", "jpg_1"), nulls) if null[k]]
+            if has_scores:
+                raw = [batch[c][k] for c in IMAGE_SCORE_COLUMNS]
+                found = [r for c, v in zip(IMAGE_SCORE_COLUMNS, raw) if (r := score_problem(c, v))]
+                reasons += found
+                if not found and chosen_scores_higher and label in (0, 1):
+                    w, l = (raw[0], raw[1]) if label == 1 else (raw[1], raw[0])
+                    if not w > l:
+                        reasons.append(f"the preferred image's score ({float(w)}) must exceed the other's "
+                                       f"({float(l)}): ODPO's offset log(s_w − s_l) is undefined otherwise")  # fmt: skip
+            if reasons:
+                bad.append(BadRow(start + k, "; ".join(reasons)))
+            elif label == 0.5:
+                ties += 1
+            else:
+                usable.append(start + k)
+        start += len(batch["caption"])
+    return np.frombuffer(usable, dtype=np.int64).copy(), bad, ties
+
+
+class ImageStream(torch.utils.data.IterableDataset):
+    """A streamed image split (``streaming: true``): rows checked as they arrive, yielded as decoded pairs.
+
+    Each epoch reshuffles the stream (``datasets``' shard shuffle plus a ``buffer``-row buffer, seeded by
+    ``seed`` and the epoch) and each of ``world`` processes reads its own shards
+    (``split_dataset_by_node``). A stream has no row numbers of its own: ``ImagePair.row`` counts the rows
+    this process read in this epoch, and messages name the caption too. A bad row raises
+    :class:`BadImageRow` (``on_bad_rows: error``) or goes to ``on_bad(exc)`` and is left out (``skip``).
+    """
+
+    def __init__(self, ds: datasets.IterableDataset, *, source: str, base: Path, confine_to: Path | None,
+                 seed: int, buffer: int, rank: int, world: int, on_bad_rows: str, on_bad=None):  # fmt: skip
+        missing = [c for c in IMAGE_COLUMNS if ds.column_names is not None and c not in ds.column_names]
+        if missing:
+            raise DataError(f"{source}: missing columns {', '.join(missing)} (found: {', '.join(ds.column_names)}); "
+                            "image preference data needs caption, jpg_0, jpg_1 and label_0")  # fmt: skip
+        for column in ("jpg_0", "jpg_1"):
+            if ds.features is not None and isinstance(ds.features.get(column), datasets.Image):
+                ds = ds.cast_column(column, datasets.Image(decode=False))
+        self.ds, self.source, self.base, self.confine_to = ds, source, base, confine_to
+        self.seed, self.buffer, self.rank, self.world = seed, buffer, rank, world
+        self.on_bad_rows, self.on_bad = on_bad_rows, on_bad
+        self.epoch = 0
+        self.has_scores = ds.column_names is not None and all(c in ds.column_names for c in IMAGE_SCORE_COLUMNS)
+
+    def for_epoch(self, epoch: int) -> ImageStream:
+        out = copy.copy(self)
+        out.epoch = epoch
+        return out
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        ds = self.ds.shuffle(seed=self.seed, buffer_size=self.buffer)
+        ds.set_epoch(self.epoch)
+        if self.world > 1:
+            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
+        for row, rec in enumerate(ds):
+            label = rec.get("label_0")
+            reasons = [p for p in (_text_problem("caption", rec.get("caption")), _label_problem(label)) if p]
+            scores = None
+            if self.has_scores and not reasons:
+                raw = [rec.get(c) for c in IMAGE_SCORE_COLUMNS]
+                reasons += [r for c, v in zip(IMAGE_SCORE_COLUMNS, raw) if (r := score_problem(c, v))]
+                scores = None if reasons or label == 0.5 else ((raw[0], raw[1]) if label == 1 else (raw[1], raw[0]))
+            if not reasons and label == 0.5:
+                continue  # a tie: no preference to learn
+            images = []
+            if not reasons:
+                reasons, images = _read_images(rec["jpg_0"], rec["jpg_1"], self.base, self.confine_to)
+            if reasons:
+                exc = BadImageRow(self.source, row, f"caption {str(rec.get('caption'))[:60]!r}: " + "; ".join(reasons))
+                if self.on_bad_rows == "error":
+                    raise exc
+                if self.on_bad is not None:
+                    self.on_bad(exc)
+                continue
+            order = (0, 1) if label == 1 else (1, 0)
+            yield ImagePair(row, rec["caption"], images[order[0]], images[order[1]], scores)
+
+
+def validate_image_data(rows: ImageRows) -> list[BadRow]:
+    """Every bad row of an opened dataset: those the cheap checks dropped are already counted in
+    ``rows.skipped``; this reads and decodes every image (``mmpref validate-data``)."""
+    return rows.find_bad(desc=f"check images of {rows.source}")
 
 
 # --------------------------------------------------------------------------------------- transform
@@ -354,66 +601,50 @@ def _identity(path: str | None) -> Any:
     return [str(p.resolve()), folder_fingerprint(p)] if p.exists() else path
 
 
-def clip_embeddings(
-    pairs: Sequence[ImagePair],
-    *,
-    model: str | None,
-    weights: str | None = None,
-    mode: str = "image+text",
-    cache_dir: str | Path | None = None,
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """L2-normalised (N, 2, D) CLIP embeddings, one per image (chosen, rejected), for Diffusion-RPO.
+class PairEmbedder:
+    """L2-normalised CLIP embeddings of image pairs, one per image (chosen, rejected), for Diffusion-RPO.
 
     ``mode``: ``text`` (the caption's embedding, the same for both images), ``image`` (each image's), or
     ``image+text`` (the normalised mean of the two normalised embeddings: the default, mmpref's reading of
-    Diffusion-RPO). Computed once and cached in ``cache_dir`` under a hash of the model, the mode and every
-    pair's content; a cache hit does not load CLIP.
+    Diffusion-RPO). open_clip loads on the first call, so a run whose embeddings are all cached never loads
+    it. :attr:`identity` names the model, its weights and the mode, for cache keys.
     """
-    if mode not in EMBEDDING_MODES:
-        raise ValueError(f"mode: must be one of {', '.join(EMBEDDING_MODES)}, got {mode!r}")
-    if model is None:
-        raise DataError(
-            "rpo.clip_model: Diffusion-RPO weights contrasts by CLIP similarity and needs an open_clip model: "
-            "a local-dir: folder, or an architecture name plus rpo.clip_weights (a local checkpoint); "
-            "or use rpo.mode=diagonal, which needs no embeddings"
-        )
-    from mmpref.data.text import _read_cache, _write_cache
-    from mmpref.progress import progress
 
-    cache_file = None
-    if cache_dir is not None:
-        key = json.dumps([_identity(open_clip_name("rpo.clip_model", model)), _identity(weights), mode,
-                          [p.digest for p in pairs]])  # fmt: skip
-        cache_file = (
-            Path(cache_dir) / f"clip_embeddings_{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
-        )
-    emb = _read_cache(cache_file)
-    if emb is not None and emb.shape[0] == 2 * len(pairs):  # stored as (2N, D)
-        return emb.view(len(pairs), 2, -1)
+    def __init__(self, model: str | None, weights: str | None = None, mode: str = "image+text",
+                 device: str | torch.device = "cpu"):  # fmt: skip
+        if mode not in EMBEDDING_MODES:
+            raise ValueError(f"mode: must be one of {', '.join(EMBEDDING_MODES)}, got {mode!r}")
+        if model is None:
+            raise DataError(
+                "rpo.clip_model: Diffusion-RPO weights contrasts by CLIP similarity and needs an open_clip model: "
+                "a local-dir: folder, or an architecture name plus rpo.clip_weights (a local checkpoint); "
+                "or use rpo.mode=diagonal, which needs no embeddings"
+            )
+        self.model, self.weights, self.mode, self.device = model, weights, mode, device
+        self.identity = json.dumps([_identity(open_clip_name("rpo.clip_model", model)), _identity(weights), mode])
+        self._clip = None
 
-    clip, preprocess, tokenizer = load_open_clip(model, weights, device)
-    norm = torch.nn.functional.normalize
-    with torch.no_grad():
+    def __call__(self, pairs: Sequence[ImagePair], batch_size: int = 32) -> torch.Tensor:
+        """(len(pairs), 2, D) float32 on the CPU."""
+        if self._clip is None:
+            self._clip = load_open_clip(self.model, self.weights, self.device)
+        clip, preprocess, tokenizer = self._clip
+        norm, device = torch.nn.functional.normalize, self.device
         text = image = None
-        if mode != "image":
-            captions = list(dict.fromkeys(p.caption for p in pairs))
-            starts = progress(range(0, len(captions), batch_size), desc="CLIP captions", unit="batch")
-            parts = [clip.encode_text(tokenizer(captions[i : i + batch_size]).to(device)).float()
-                     for i in starts]  # fmt: skip
-            where = {c: k for k, c in enumerate(captions)}
-            per_caption = norm(torch.cat(parts), dim=-1)
-            text = per_caption[torch.tensor([where[p.caption] for p in pairs])][:, None].expand(-1, 2, -1)
-        if mode != "text":
-            refs = [r for p in pairs for r in (p.chosen, p.rejected)]
-            parts = []
-            for i in progress(range(0, len(refs), batch_size), desc="CLIP images", unit="batch"):
-                batch = torch.stack([preprocess(load_image(r)) for r in refs[i : i + batch_size]]).to(device)
-                parts.append(clip.encode_image(batch).float())
-            image = norm(torch.cat(parts), dim=-1).view(len(pairs), 2, -1)
-    emb = text if image is None else image if text is None else norm((text + image) / 2, dim=-1)
-    emb = emb.cpu().contiguous()
-    if cache_file is not None:
-        _write_cache(cache_file, emb.reshape(len(pairs) * 2, -1).contiguous())
-    return emb
+        with torch.no_grad():
+            if self.mode != "image":
+                captions = list(dict.fromkeys(p.caption for p in pairs))
+                parts = [clip.encode_text(tokenizer(captions[i : i + batch_size]).to(device)).float()
+                         for i in range(0, len(captions), batch_size)]  # fmt: skip
+                where = {c: k for k, c in enumerate(captions)}
+                per_caption = norm(torch.cat(parts), dim=-1)
+                text = per_caption[torch.tensor([where[p.caption] for p in pairs])][:, None].expand(-1, 2, -1)
+            if self.mode != "text":
+                refs = [r for p in pairs for r in (p.chosen, p.rejected)]
+                parts = []
+                for i in range(0, len(refs), batch_size):
+                    batch = torch.stack([preprocess(load_image(r)) for r in refs[i : i + batch_size]]).to(device)
+                    parts.append(clip.encode_image(batch).float())
+                image = norm(torch.cat(parts), dim=-1).view(len(pairs), 2, -1)
+        emb = text if image is None else image if text is None else norm((text + image) / 2, dim=-1)
+        return emb.cpu().contiguous()

@@ -53,7 +53,7 @@ import tempfile
 import unicodedata
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,14 @@ import datasets
 import pyarrow as pa
 import torch
 
-from mmpref.hub import HUB_ID, SENTENCE_TRANSFORMERS, file_sha256, resolve_model, split_revision
+from mmpref.hub import (
+    HUB_ID,
+    SENTENCE_TRANSFORMERS,
+    file_sha256,
+    folder_fingerprint,
+    resolve_model,
+    split_revision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +125,7 @@ class TextDataset:
     row_numbers: Sequence[int]
     cache_dir: Path
     implicit_prompt: bool = False
+    bad: list[BadRow] = field(default_factory=list)  # the rows skipped (on_bad_rows: skip), with their reasons
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -128,13 +136,15 @@ READER_VERSION = b"mmpref-rows-3"  # part of every cache key: a change to the re
 
 @dataclass(frozen=True)
 class RowSource:
-    """Rows as loaded, with what messages call them, where their caches go, and the folder relative paths in
-    them (images) start from (None for in-memory and online hub rows)."""
+    """Rows as loaded, with what messages call them, where their caches go, the folder relative paths in
+    them (images) start from (None for in-memory and online hub rows), and ``identity``: what the rows are,
+    for the keys of caches derived from them (:func:`rows_identity`)."""
 
     dataset: datasets.Dataset
     name: Path | str
     cache_dir: Path
     folder: Path | None
+    identity: str
 
 
 def load_rows(
@@ -169,13 +179,12 @@ def open_rows(
     if isinstance(source, datasets.DatasetDict):
         source = _pick_split("the in-memory DatasetDict", source, split)
     if isinstance(source, datasets.Dataset):
-        return RowSource(
-            source.with_format(None), "the in-memory dataset", _cache_root(None, cache_dir), None
-        )
+        ds = source.with_format(None)
+        return RowSource(ds, "the in-memory dataset", _cache_root(None, cache_dir), None, rows_identity(ds))
     if isinstance(source, (list, tuple)):
-        return RowSource(
-            _from_list(source), f"the list of {len(source)} rows", _cache_root(None, cache_dir), None
-        )
+        ds = _from_list(source)
+        return RowSource(ds, f"the list of {len(source)} rows", _cache_root(None, cache_dir), None,
+                         rows_identity(ds))  # fmt: skip
     if not isinstance(source, (str, os.PathLike)):
         raise DataError(f"a dataset is {ACCEPTED_SOURCES}, a datasets.Dataset or a list of dicts; "
                         f"got {type(source).__name__}")  # fmt: skip
@@ -183,21 +192,61 @@ def open_rows(
     if path.is_dir():
         cache = _cache_root(path, cache_dir)
         if _is_saved(path):
-            return RowSource(_load_saved(name, path, split), name, cache, path)
-        return RowSource(_load_files(name, str(path), None, config_name, split, cache), name, cache, path)
+            ds = _load_saved(name, path, split)
+            return RowSource(ds, name, cache, path, rows_identity(ds))
+        ds, key = _load_files(name, str(path), None, config_name, split, cache)
+        return RowSource(ds, name, cache, path, key)
     if path.is_file():
         builder = BUILDERS.get(path.suffix.lower())
         if builder is None:
             kind = path.suffix or "(no extension)"
             raise DataError(f"{name}: unknown file type {kind!r}; expected {ACCEPTED_SOURCES}")
         cache = _cache_root(path.parent, cache_dir)
-        rows = _load_files(name, builder, [str(path)], None, split, cache)
-        return RowSource(rows, name, cache, path.parent)
+        rows, key = _load_files(name, builder, [str(path)], None, split, cache)
+        return RowSource(rows, name, cache, path.parent, key)
     if any(c in str(source) for c in "*?["):
         return _load_glob(name, path, split, cache_dir)
     if (hub := _hub_id(str(source))) is not None:
         repo, pinned = hub
         return _load_hub(repo, config_name, split, pinned or revision, _cache_root(None, cache_dir))
+    raise DataError(f"{name}: no such file or folder (and not a hub dataset id); expected {ACCEPTED_SOURCES}")
+
+
+def open_stream(
+    source: Any, *, config_name: str | None = None, split: str = "train", revision: str | None = None
+) -> tuple[datasets.IterableDataset, str, Path | None]:
+    """``source`` read as a stream (``datasets``' ``IterableDataset``, ``streaming=True``): nothing is downloaded
+    or converted ahead, rows arrive as they are read. Returns (rows, name for messages, folder relative image
+    paths start from). Hub ids stream from the hub, or offline from the cached snapshot; local files, folders
+    and globs stream through ``datasets``' builders; rows in memory through ``to_iterable_dataset``."""
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict, list, tuple)):
+        rows = open_rows(source, split=split)
+        return rows.dataset.to_iterable_dataset(), str(rows.name), None
+    name, path = str(source), Path(str(source)).expanduser()
+    try:
+        if path.is_dir() and _is_saved(path):
+            return _load_saved(name, path, split).to_iterable_dataset(), name, path
+        if path.is_file() or path.is_dir() or any(c in name for c in "*?["):
+            if path.is_file() and path.suffix.lower() not in BUILDERS:
+                raise DataError(f"{name}: unknown file type {path.suffix!r}; expected {ACCEPTED_SOURCES}")
+            folder = path if path.is_dir() else path.parent
+            if path.is_dir():
+                return datasets.load_dataset(str(path), name=config_name, split=split, streaming=True), name, folder
+            builder = BUILDERS.get(path.suffix.lower()) or BUILDERS.get(Path(name.split("*")[-1]).suffix.lower(), "json")
+            return datasets.load_dataset(builder, data_files=name, split=split, streaming=True), name, folder
+        if (hub := _hub_id(name)) is not None:
+            repo, pinned = hub
+            from huggingface_hub import constants
+
+            if not (datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE):
+                return datasets.load_dataset(repo, name=config_name, split=split, revision=pinned or revision,
+                                             streaming=True), name, None  # fmt: skip
+            folder = _cached_snapshot(repo, pinned or revision, name, offline=True)
+            return datasets.load_dataset(str(folder), name=config_name, split=split, streaming=True), name, folder
+    except DataError:
+        raise
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"{name}: cannot be streamed ({exc})") from exc
     raise DataError(f"{name}: no such file or folder (and not a hub dataset id); expected {ACCEPTED_SOURCES}")
 
 
@@ -283,7 +332,8 @@ def _load_glob(name: Path, pattern: Path, split: str, cache_dir: str | Path | No
                         "files of one type (.jsonl, .json, .parquet, .csv or .arrow)")  # fmt: skip
     folder = Path(os.path.commonpath([str(Path(f).parent) for f in files]))
     cache = _cache_root(folder, cache_dir)
-    return RowSource(_load_files(name, builders.pop(), files, None, split, cache), name, cache, folder)
+    rows, key = _load_files(name, builders.pop(), files, None, split, cache)
+    return RowSource(rows, name, cache, folder, key)
 
 
 def _from_list(rows: Sequence[Any]) -> datasets.Dataset:
@@ -306,8 +356,9 @@ def _load_files(
     config_name: str | None,
     split: str,
     cache_root: Path,
-) -> datasets.Dataset:
-    """Data files read by ``datasets`` once, then served from a ``save_to_disk`` copy keyed by their bytes.
+) -> tuple[datasets.Dataset, str]:
+    """Data files read by ``datasets`` once, then served from a ``save_to_disk`` copy keyed by their bytes;
+    returns the split and that key plus the split's name (the rows' identity).
 
     ``target`` is a packaged builder (``"json"``, ...) reading ``files``, or a folder whose files (and
     ``README.md`` configs) ``datasets`` finds itself. The builder works in a scratch cache that is deleted
@@ -323,7 +374,7 @@ def _load_files(
             _prepare(name, builder, data_files, scratch, entry)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return _pick_split(name, datasets.load_from_disk(str(entry)), split)
+    return _pick_split(name, datasets.load_from_disk(str(entry)), split), f"files:{entry.name}:{split}"
 
 
 def _content_key(
@@ -423,7 +474,7 @@ def _load_hub(
     if not offline:
         try:
             ds = datasets.load_dataset(repo, name=config_name, split=split, revision=revision)
-            return RowSource(ds, name, cache_dir, None)
+            return RowSource(ds, name, cache_dir, None, rows_identity(ds))
         except ConnectionError:
             pass  # no network: the cached snapshot, if there is one
         except FileNotFoundError as exc:  # DatasetNotFoundError, DataFilesNotFoundError
@@ -438,7 +489,25 @@ def _load_hub(
         raise DataError(f"{name}: the cached snapshot {folder} holds no data files for it ({exc})") from exc
     except READ_ERRORS as exc:
         raise DataError(f"{name}: {exc.__cause__ or exc}") from exc
-    return RowSource(ds, name, cache_dir, folder)
+    # a snapshot folder is named by its commit: it pins every file's bytes
+    return RowSource(ds, name, cache_dir, folder, f"hub:{repo}@{folder.name}:{config_name}:{split}")
+
+
+def rows_identity(ds: datasets.Dataset) -> str:
+    """What ``ds``'s rows are, cheaply: memory-mapped rows by ``datasets``' fingerprint (derived from the files
+    they were built from and every transform since) plus their Arrow files' names, sizes and mtimes; rows held
+    in memory by a hash of their Arrow buffers (they are in memory already, so reading them is cheap)."""
+    if ds.cache_files:
+        return f"arrow:{ds._fingerprint}:{folder_fingerprint(*(f['filename'] for f in ds.cache_files))}"
+    h = hashlib.sha256(READER_VERSION)
+    for batch in ds.with_format("arrow").iter(batch_size=ROWS_PER_BATCH * 10):
+        h.update(str(batch.schema).encode())
+        for column in batch.columns:
+            for chunk in getattr(column, "chunks", [column]):
+                for buf in chunk.buffers():
+                    if buf is not None:
+                        h.update(buf)
+    return f"memory:{h.hexdigest()[:32]}"
 
 
 def _cached_snapshot(repo: str, revision: str | None, where: str, offline: bool) -> Path:
@@ -870,7 +939,7 @@ def prepare_text_dataset(
     if fmt == "unpaired" and ds.features["label"] != datasets.Value("bool"):
         ds = ds.cast_column("label", datasets.Value("bool"))  # 0/1 ints were accepted above
     return TextDataset(dataset=ds, format=fmt, skipped=len(bad), source=name, row_numbers=row_numbers,
-                       cache_dir=rows.cache_dir, implicit_prompt=implicit)  # fmt: skip
+                       cache_dir=rows.cache_dir, implicit_prompt=implicit, bad=bad)  # fmt: skip
 
 
 def config_sources(
@@ -938,7 +1007,7 @@ def _load_embedder(name: str, device: str, revision: str | None = None) -> Any:
 
 
 def prompt_embeddings(
-    prompts: Sequence[str | Sequence[dict[str, str]]],
+    prompts: Iterable[str | Sequence[dict[str, str]]],
     *,
     model: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -951,15 +1020,36 @@ def prompt_embeddings(
     training, so they are computed once, deduplicated (many rows share a prompt) and cached in
     ``cache_dir`` under a hash of the model identity and the prompt texts. A cache hit does not
     load the model. ``model=None`` is the packaged all-MiniLM-L6-v2; otherwise a hub id or a local folder.
-    Chat prompts are reduced with :func:`prompt_text`.
+    Chat prompts are reduced with :func:`prompt_text`. :func:`indexed_prompt_embeddings` gives the same
+    without one row per prompt.
     """
-    texts = [prompt_text(p) for p in prompts]
-    if not texts:
+    emb, index = indexed_prompt_embeddings(prompts, model=model, cache_dir=cache_dir, batch_size=batch_size,
+                                           device=device)  # fmt: skip
+    return emb if len(emb) == len(index) else emb[index]
+
+
+def indexed_prompt_embeddings(
+    prompts: Iterable[str | Sequence[dict[str, str]]],
+    *,
+    model: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeddings, index)``: one embedding per distinct prompt, in order of first appearance, and each
+    prompt's row in it (int64), so ``embeddings[index]`` is :func:`prompt_embeddings`. ``prompts`` is read
+    once, as it comes (an iterator is fine): only the distinct texts and an index entry per prompt are kept.
+    """
+    position: dict[str, int] = {}
+    index = array("q")
+    for p in prompts:
+        index.append(position.setdefault(prompt_text(p), len(position)))
+    if not index:
         raise ValueError("prompt_embeddings: no prompts given")
     source = resolve_model("rpo.embedding_model", str(default_embedder_path() if model is None else model),
                            markers=SENTENCE_TRANSFORMERS, what="a sentence-transformers model")  # fmt: skip
-    position = {t: i for i, t in enumerate(dict.fromkeys(texts))}
     unique = list(position)
+    del position
 
     cache_file = None
     if cache_dir is not None:
@@ -975,7 +1065,7 @@ def prompt_embeddings(
         emb = torch.nn.functional.normalize(out.detach().float().cpu(), dim=-1).contiguous()
         if cache_file is not None:
             _write_cache(cache_file, emb)
-    return emb if len(unique) == len(texts) else emb[torch.tensor([position[t] for t in texts])]
+    return emb, torch.frombuffer(index, dtype=torch.int64).clone()
 
 
 def _read_cache(cache_file: Path | None) -> torch.Tensor | None:

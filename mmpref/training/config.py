@@ -78,7 +78,9 @@ class DiffusionConfig:
     center_crop: bool = True
     random_flip: bool = False
     prompt_dropout: float = 0.2  # probability of an empty caption (Diffusion-DPO)
-    cache_latents: bool = True  # VAE latents and text-encoder outputs computed once, not per step
+    # VAE latents and text-encoder outputs, computed once per row and cached: lazy (when a batch first reads the
+    # row), ahead (every row before step 1), off (encoded at every step, as diffusers' example); true = lazy
+    cache_latents: str = "lazy"
     attention: str = "sdpa"  # sdpa | xformers
     ema_decay: float = 0.0  # 0: no EMA of the trained weights
     eval_noise_draws: int = 1  # evaluation: ℓ of each pair averaged over this many fixed (ε, t) draws
@@ -113,6 +115,10 @@ class TrainConfig:
     dataset_config: str | None = None  # the hub dataset's configuration (load_dataset's `name`)
     dataset_revision: str | None = None  # hub revision of `dataset` / `eval_dataset`
     train_split: str = "train"
+    # read `dataset` as a stream (datasets' IterableDataset: nothing downloaded ahead, a shuffle buffer, each
+    # process its own shards); needs max_steps, a named eval split or eval_dataset, no precomputed reference
+    streaming: bool = False
+    shuffle_buffer: int = 10_000  # rows of the stream's shuffle buffer
     eval_dataset: str | None = None  # same forms as `dataset`; default: `dataset` itself with eval_split
     eval_split: str | float = 0.0  # a split name of the eval data, or a held-out share (0..1) of `dataset`
     image_root: str | None = None  # relative image paths resolve here (default: the dataset file's folder)
@@ -171,6 +177,7 @@ CHOICES = {
     "modality": ("auto", "text", "diffusion"),
     "rpo.embedding": ("text", "image", "image+text"),
     "diffusion.attention": ("sdpa", "xformers"),
+    "diffusion.cache_latents": ("lazy", "ahead", "off"),
     "mixed_precision": (None, "no", "fp16", "bf16"),
     "torch_dtype": tuple(DTYPES),
     "truncation_mode": ("keep_end", "keep_start"),
@@ -180,7 +187,7 @@ CHOICES = {
 POSITIVE = ("loss.beta", "rpo.temperature", "batch_size", "eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "max_length", "max_prompt_length",
             "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution",
-            "diffusion.eval_noise_draws", "samples.num_inference_steps", "log_every")  # fmt: skip
+            "diffusion.eval_noise_draws", "samples.num_inference_steps", "log_every", "shuffle_buffer")  # fmt: skip
 NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "loss.sft_weight", "eval_every", "save_every",
                 "loss.gamma", "max_skipped_steps", "lm_head_chunk_size")  # fmt: skip
 
@@ -242,6 +249,8 @@ def _get(cfg: TrainConfig, dotted: str) -> Any:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Range and consistency checks that the types alone do not express."""
+    dc = cfg.diffusion  # YAML reads true / false as booleans, which the str key receives as yes / no
+    dc.cache_latents = {"yes": "lazy", "true": "lazy", "no": "off", "false": "off"}.get(dc.cache_latents, dc.cache_latents)
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             names = ", ".join(str(a) for a in allowed if a is not None)
@@ -375,8 +384,11 @@ def check_paths(cfg: TrainConfig, *, model_given: bool = False, data_given: bool
         raise ConfigError("dataset: required (a hub dataset id, or a local file, folder or glob)")
     source = None if model_given else model_source(cfg)
     marker = source.marker if source else ""
-    if cfg.modality == "diffusion" or (cfg.modality == "auto" and marker == "model_index.json"):
+    diffusion = cfg.modality == "diffusion" or (cfg.modality == "auto" and marker == "model_index.json")
+    if diffusion:
         check_diffusion_losses(cfg)
+    if cfg.streaming:
+        check_streaming(cfg, diffusion)
     rpo = cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal"
     if rpo and cfg.rpo.embedding_model and marker != "model_index.json":
         hub.resolve_model("rpo.embedding_model", cfg.rpo.embedding_model, markers=hub.SENTENCE_TRANSFORMERS,
@@ -397,6 +409,28 @@ def check_paths(cfg: TrainConfig, *, model_given: bool = False, data_given: bool
             f"output_dir: cannot write to {out} ({exc.strerror or exc}); choose a writable folder"
         ) from exc
     return source
+
+
+def check_streaming(cfg: TrainConfig, diffusion: bool) -> None:
+    """What a streamed ``dataset`` cannot do, refused before anything loads, each with the way out: a stream
+    is read front to back, its length unknown and its rows without a place to come back to."""
+    if cfg.max_steps is None:
+        raise ConfigError("max_steps: a streamed dataset has no known length, so epochs cannot set the schedule; "
+                          "set max_steps (or streaming: false)")  # fmt: skip
+    if isinstance(cfg.eval_split, float) and cfg.eval_split:
+        raise ConfigError("eval_split: a held-out share needs the rows counted first, which a stream does not do; "
+                          "name an eval split (eval_split: test) or give eval_dataset (or streaming: false)")  # fmt: skip
+    if not diffusion and cfg.precompute_ref:
+        raise ConfigError("precompute_ref: the reference log-probs of a streamed dataset cannot be computed "
+                          "before training (its rows arrive as training reads them); set precompute_ref: false, "
+                          "which runs the frozen reference at every step (or streaming: false)")  # fmt: skip
+    if diffusion and cfg.diffusion.cache_latents != "off":
+        raise ConfigError("diffusion.cache_latents: a stream's rows have no fixed place to cache them under; set "
+                          "diffusion.cache_latents: off (VAE and text encoders run every step, as in diffusers' "
+                          "example), or train from a local copy (streaming: false) to cache")  # fmt: skip
+    if not diffusion and cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal":
+        raise ConfigError("loss.type: RPO's prompt embeddings are computed once over the whole dataset, which a "
+                          "stream does not allow; use rpo.mode: diagonal, another loss, or streaming: false")  # fmt: skip
 
 
 @contextmanager

@@ -17,16 +17,18 @@ Choices, all documented here because Diffusion-RPO has no public reference code:
   every step (one no-grad forward).
 * **Cache** (``diffusion.cache_latents: true``, default): VAE latents (posterior *mean* × scaling factor,
   the same function the uncached path uses, so caching only adds float16 rounding) and text-encoder outputs,
-  plus the empty caption's, are computed once per dataset and model into
-  ``<dataset folder>/.mmpref_cache/latents-<hash>`` (see :mod:`mmpref.data.latent_cache`); training then
-  never calls the VAE encoder or a text encoder. Uncached, both run every step (diffusers' example).
+  plus the empty caption's, are computed once per row and model into
+  ``<dataset folder>/.mmpref_cache/latents-<hash>`` (see :mod:`mmpref.data.row_cache`): with ``lazy`` (the
+  default) when a batch first draws the row, with ``ahead`` before step 1; from then on training never calls
+  the VAE encoder or a text encoder for that row. ``off``: both run every step (diffusers' example).
 * **Prompt dropout**: per pair (both images), with probability ``diffusion.prompt_dropout``; cached or not,
   the draws are the same, and so are the batches.
-* **Training randomness per row**: ``collate_train`` takes one number from torch's global RNG per batch
-  (stored in checkpoints, so resume is exact) and derives from it and the dataset row one seed per pair,
-  which draws the pair's prompt dropout, flip, ε and t. So a pair's draws do not depend on the process or
-  batch slot it lands in, and N data-parallel processes compute the same losses and gradients as one
-  process on the same global batch (tested with two gloo processes).
+* **Training randomness per row**: one seed per pair, a hash of the run's ``seed``, the epoch and the dataset
+  row (:func:`train_seed`), draws the pair's prompt dropout, flip, ε and t. So a pair's draws do not depend
+  on the process or batch slot it lands in, and N data-parallel processes compute the same losses and
+  gradients as one process on the same global batch (tested with two gloo processes); nor on how far the
+  loader has read ahead, so a resumed run (which replays its position) draws exactly what the
+  uninterrupted one drew.
 * **Noise**: evaluation uses fixed seeds per dataset row,
   so the eval metrics of different steps (and runs) see the same noise. One (ε, t) draw makes the eval
   accuracy of a small set noisy: ``diffusion.eval_noise_draws: K`` averages each pair's ℓ over K fixed
@@ -51,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -68,11 +71,20 @@ from mmpref.adapters.diffusion import (
     sdxl_time_ids,
     tokenize_captions,
 )
-from mmpref.data.images import ImagePair, clip_embeddings, pair_pixels, prepare_image_dataset
-from mmpref.data.latent_cache import LatentCache
-from mmpref.data.text import config_sources, held_out_split
+from mmpref.data.images import (
+    BadImageRow,
+    ImagePair,
+    ImageRows,
+    ImageStream,
+    PairEmbedder,
+    pair_pixels,
+    prepare_image_dataset,
+)
+from mmpref.data.row_cache import RowCache
+from mmpref.data.text import DataError, config_sources, held_out_split, open_stream
 from mmpref.hub import ModelSource, folder_fingerprint
 from mmpref.losses import tie_accuracy
+from mmpref.progress import progress
 from mmpref.training.config import DTYPES, ConfigError, TrainConfig, model_source, score_checks
 from mmpref.training.distributed import check_scale_out
 from mmpref.training.objective import Rows
@@ -88,23 +100,45 @@ from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
 MIXED = {"fp16": torch.float16, "bf16": torch.bfloat16}
-CACHE_VERSION = 2  # 2: SDXL time ids hold the mirrored crop edge too
+CACHE_VERSION = 3  # 2: SDXL time ids hold the mirrored crop edge too; 3: per-row chunks, keyed by row number
 EVAL_SEED_STRIDE = 1_000_003
-TRAIN_ROW_STRIDE = 1_000_003  # seed offset between rows of a training batch; +1 is a row's noise seed
+CROP_ROW_STRIDE = 1_000_003  # seed offset between rows' cached random crops
 EVAL_DRAW_STRIDE = 2**40  # seed offset of each further evaluation draw of a row (beyond any row seed)
 
 
 class _ImageSplit:
-    """One split: its pairs, cache and RPO embeddings."""
+    """One split: its rows (an index into the source), its latent cache and its RPO embedding cache."""
 
-    def __init__(self, task: DiffusionTask, pairs: list[ImagePair], cache_dir: Path, name: str):
-        self.task, self.pairs, self.cache_dir, self.name = task, pairs, cache_dir, name  # the dataset's
-        self.cache: LatentCache | None = None
+    streamed = False
+
+    def __init__(self, data: ImageRows, name: str):
+        self.data, self.name = data, name
+        self.latents: RowCache | None = None  # VAE latents + text-encoder outputs (diffusion.cache_latents)
+        self.clip: RowCache | None = None  # Diffusion-RPO's CLIP embeddings
         self.labels = None  # image rows are always pairs (the loop balances unpaired text rows by these)
-        self.embeddings: Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.data)
+
+    def caches(self) -> list[RowCache]:
+        return [c for c in (self.latents, self.clip) if c is not None]
+
+
+class _StreamedSplit:
+    """The training split of ``streaming: true``: an :class:`ImageStream`, batches of decoded pairs."""
+
+    streamed = True
+    labels = None
+    latents = clip = None  # nothing to cache under: a stream's rows have no fixed place
+
+    def __init__(self, data: ImageStream, name: str):
+        self.data, self.name = data, name
+
+    def stream(self, epoch: int) -> ImageStream:
+        return self.data.for_epoch(epoch)
+
+    def caches(self) -> list[RowCache]:
+        return []
 
 
 class DiffusionTask(Task):
@@ -159,35 +193,39 @@ class DiffusionTask(Task):
                 ) from e
             self.unet.enable_xformers_memory_efficient_attention()
 
-        # -- data
+        # -- data: an index into the sources; images are read (and checked) when a batch first needs them
         load = {"on_bad_rows": cfg.on_bad_rows, "image_root": cfg.image_root,
                 "confine_image_paths": cfg.confine_image_paths, **score_checks(cfg)}  # fmt: skip
         (train_data, options), evaluation = config_sources(cfg, train_dataset, eval_dataset)
-        train = prepare_image_dataset(train_data, **options, **load)
-        train_pairs, eval_pairs, eval_cache = train.pairs, [], train.cache_dir
+        self._bad_rows_file = Path(cfg.output_dir) / "bad_rows.jsonl"
+        self._bad_seen: set[int] = set()
+        if cfg.streaming:
+            train = self._stream(train_data, options)
+        else:
+            train = prepare_image_dataset(train_data, **options, **load)
+        evald = None
         if evaluation is not None:  # eval data of its own, or a named split
             eval_data, options = evaluation
             evald = prepare_image_dataset(eval_data, **options, **load)
-            eval_pairs, eval_cache = evald.pairs, evald.cache_dir
         elif cfg.eval_split:
-            train_order, eval_order = held_out_split(len(train_pairs), cfg.eval_split, cfg.seed)
-            eval_pairs = [train_pairs[i] for i in eval_order]
-            train_pairs = [train_pairs[i] for i in train_order]
-        self.train = _ImageSplit(self, train_pairs, train.cache_dir, "train")
-        self.eval = _ImageSplit(self, eval_pairs, eval_cache, "eval") if eval_pairs else None
-        for split in (self.train, self.eval):
-            if split is None:
-                continue
-            if dc.cache_latents:
-                split.cache = self._build_cache(split)
-            if cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal":
-                split.embeddings = clip_embeddings(
-                    split.pairs, model=cfg.rpo.clip_model, weights=cfg.rpo.clip_weights, mode=cfg.rpo.embedding,
-                    cache_dir=split.cache_dir, device=device,
-                )  # fmt: skip
-        if dc.cache_latents:  # training never encodes: free the encoders
+            train_order, eval_order = held_out_split(len(train), cfg.eval_split, cfg.seed)
+            train, evald = train.subset(train_order), train.subset(eval_order)
+        self.train = _StreamedSplit(train, "train") if cfg.streaming else _ImageSplit(train, "train")
+        self.eval = _ImageSplit(evald, "eval") if evald is not None else None
+        self.embedder = None
+        if cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal":
+            self.embedder = PairEmbedder(cfg.rpo.clip_model, cfg.rpo.clip_weights, cfg.rpo.embedding, device)
+        for split in self.splits():
+            if dc.cache_latents != "off":
+                split.latents = RowCache(self._latent_folder(split), split.data.dataset.num_rows)
+            if self.embedder is not None:
+                key = json.dumps([self.embedder.identity, split.data.identity])
+                folder = split.data.cache_dir / f"clip-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+                split.clip = RowCache(folder, split.data.dataset.num_rows)
+        if dc.cache_latents == "ahead":
+            self.fill_caches()
+        if dc.cache_latents != "off" and self._caches_complete():  # training never encodes: free the encoders
             self.vae, self.text_encoders = None, []
-        self._empty: dict[str, Tensor] | None = None
 
         # -- reference, memory savers, LoRA
         self.reference: nn.Module | None = None
@@ -230,83 +268,196 @@ class DiffusionTask(Task):
             embeds, pooled = encode_prompt_sdxl(self.text_encoders, ids)
             return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
 
-    def _pixels(self, split: _ImageSplit, i: int, flip: bool = False, generator=None):
-        dc = self.cfg.diffusion
-        return pair_pixels(
-            split.pairs[i], dc.resolution, center_crop=dc.center_crop, flip=flip, generator=generator
-        )
+    def _empty_caption(self) -> dict[str, Tensor]:
+        return {f"empty_{k}": v[0] for k, v in self._encode_text([""]).items()}
 
-    def _crop_generator(self, split: _ImageSplit, i: int) -> torch.Generator | None:
-        """Cached random crops are drawn once per row, from a seed of the row's content."""
+    def _crop_generator(self, row: int) -> torch.Generator | None:
+        """Random crops of cached rows are drawn once per row, from the row number and the run's seed."""
         if self.cfg.diffusion.center_crop:
             return None
-        return torch.Generator().manual_seed(int(split.pairs[i].digest[:12], 16) + self.cfg.seed)
+        return torch.Generator().manual_seed(row * CROP_ROW_STRIDE + self.cfg.seed)
 
     def _encode_latents(self, pixels: Tensor) -> Tensor:
         """(n, 2, 3, R, R) pixel pairs -> (n, 2, C, h, w) latents."""
         lat = encode_images(self.vae, pixels.flatten(0, 1).to(self.accelerator.device)).float()
         return lat.view(pixels.shape[0], 2, *lat.shape[1:])
 
-    def _build_cache(self, split: _ImageSplit) -> LatentCache:
+    def _latent_folder(self, split: _ImageSplit) -> Path:
         dc = self.cfg.diffusion
         key = json.dumps([CACHE_VERSION, self._fingerprint, dc.resolution, dc.center_crop, dc.random_flip,
-                          None if dc.center_crop else self.cfg.seed, [p.digest for p in split.pairs]])  # fmt: skip
-        folder = split.cache_dir / f"latents-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+                          None if dc.center_crop else self.cfg.seed, split.data.identity])  # fmt: skip
+        return split.data.cache_dir / f"latents-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
-        def encode(rows: list[int]) -> dict[str, Tensor]:
-            pp = [self._pixels(split, i, generator=self._crop_generator(split, i)) for i in rows]
-            pixels = torch.stack([p.pixels for p in pp])
-            lat = [self._encode_latents(pixels)]
-            if dc.random_flip:
-                lat.append(self._encode_latents(pixels.flip(-1)))
-            out = {
-                "latents": torch.stack(lat, dim=1),
-                **self._encode_text([split.pairs[i].caption for i in rows]),
-            }
-            if self.is_sdxl:  # original (h, w), crop (top, left), and the left edge a flip reports
-                out["time_ids"] = torch.tensor(
-                    [[*p.original_size, *p.crop_top_left, p.mirrored_left] for p in pp], dtype=torch.int32
-                )
-            return out
+    def _encode_rows(self, pairs: list[ImagePair]) -> dict[str, Tensor]:
+        """What the latent cache holds of decoded pairs: latents (both orientations with random flips), the
+        captions' text-encoder outputs and, for SDXL, the time ids."""
+        dc = self.cfg.diffusion
+        pp = [pair_pixels(p, dc.resolution, center_crop=dc.center_crop, generator=self._crop_generator(p.row))
+              for p in pairs]  # fmt: skip
+        pixels = torch.stack([p.pixels for p in pp])
+        lat = [self._encode_latents(pixels)]
+        if dc.random_flip:
+            lat.append(self._encode_latents(pixels.flip(-1)))
+        out = {"latents": torch.stack(lat, dim=1), **self._encode_text([p.caption for p in pairs])}
+        if self.is_sdxl:  # original (h, w), crop (top, left), and the left edge a flip reports
+            out["time_ids"] = torch.tensor(
+                [[*p.original_size, *p.crop_top_left, p.mirrored_left] for p in pp], dtype=torch.int32
+            )
+        return out
 
-        def extra() -> dict[str, Tensor]:
-            return {f"empty_{k}": v[0] for k, v in self._encode_text([""]).items()}
+    # -- reading rows: bad rows, caches ------------------------------------------------------------
+    def _stream(self, source, options: dict) -> ImageStream:
+        """``streaming: true``: the training rows as a stream, each process reading its own shards."""
+        cfg, acc = self.cfg, self.accelerator
+        ds, name, folder = open_stream(source, **options)
+        base = Path(cfg.image_root).expanduser() if cfg.image_root else folder or Path.cwd()
+        return ImageStream(ds, source=name, base=base, confine_to=base if cfg.confine_image_paths else None,
+                           seed=cfg.seed, buffer=cfg.shuffle_buffer, rank=acc.process_index, world=acc.num_processes,
+                           on_bad_rows=cfg.on_bad_rows, on_bad=lambda exc: self._record_bad(self.train, exc))  # fmt: skip
 
-        logger.info("building the latent cache of %d %s pairs in %s", len(split), split.name, folder)
-        return LatentCache.build(folder, len(split), encode, extra=extra, batch_size=self.cfg.eval_batch_size,
-                                 accelerator=self.accelerator, desc=f"latent cache {split.name}")  # fmt: skip
+    def splits(self) -> list[_ImageSplit]:
+        """The indexed splits (a streamed training split has no rows to cache ahead)."""
+        return [s for s in (self.train, self.eval) if s is not None and not s.streamed]
+
+    def _needs_images(self, split: _ImageSplit, i: int) -> bool:
+        """Whether position ``i`` must be read from its images: uncached, or a cache lacks it."""
+        if self.cfg.diffusion.cache_latents == "off":
+            return True
+        row, stamp = split.data.row(i), split.data.image_stamps([i])[0]
+        return any(c.missing([row], [stamp]) for c in split.caches())
+
+    def _read(self, split: _ImageSplit, positions: Sequence[int], replace: bool = True) -> tuple[list[int], dict[int, ImagePair]]:
+        """The positions to use for ``positions`` and the decoded pairs of those the caches lack.
+
+        An image found bad here stops the run (``on_bad_rows: error``, naming the row and the column) or is
+        recorded in ``output_dir/bad_rows.jsonl`` and, with ``replace``, stood in for by the next usable row,
+        the same one in every run and process, so resumed and multi-process runs stay exact.
+        """
+        used, loaded = [], {}
+        for i in positions:
+            for step in range(len(split)):
+                j = (i + step) % len(split)
+                if not self._needs_images(split, j):
+                    used.append(j)
+                    break
+                try:
+                    loaded[j] = split.data.load(j)
+                except BadImageRow as exc:
+                    if self.cfg.on_bad_rows == "error":
+                        raise
+                    self._record_bad(split, exc)
+                    if not replace:
+                        break
+                    continue
+                used.append(j)
+                break
+            else:
+                raise DataError(f"{split.data.source}: every image pair is bad, nothing left to train on")
+        return used, loaded
+
+    def _record_bad(self, split: _ImageSplit, exc: BadImageRow) -> None:
+        if exc.row not in self._bad_seen:
+            self._bad_seen.add(exc.row)
+            logger.warning("%s: skipped row %d (on_bad_rows=skip): %s", split.data.source, exc.row, exc.reason)
+            self._bad_rows_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._bad_rows_file, "a") as f:  # one short line per write: appends do not interleave
+                f.write(json.dumps({"split": split.name, "row": exc.row, "reason": exc.reason}) + "\n")
+
+    def _cached(self, split: _ImageSplit, used: list[int], loaded: dict[int, ImagePair]) -> dict[str, Tensor]:
+        """The cached tensors of these positions (latents, text, CLIP ``embeddings``), encoding the missing."""
+        rows = [split.data.row(i) for i in used]
+        stamps = split.data.image_stamps(used)
+        got: dict[str, Tensor] = {}
+        if split.latents is not None:  # the empty caption's outputs too, for prompt dropout
+            got.update({f"extra/{k}": v for k, v in split.latents.set_extra(self._empty_caption).items()})
+            got.update(split.latents.fetch(rows, lambda todo: self._encode_rows([loaded[used[k]] for k in todo]),
+                                           stamps))  # fmt: skip
+        if split.clip is not None:
+            got.update(split.clip.fetch(rows, lambda todo: {"embeddings": self.embedder([loaded[used[k]] for k in todo])},
+                                        stamps))  # fmt: skip
+        return got
+
+    def fill_caches(self) -> None:
+        """Encode every row not cached yet, before training (``cache_latents: ahead``, ``mmpref cache``):
+        each process takes every P-th batch, with a progress bar; rows cached earlier are skipped, so a
+        killed fill resumes where it stopped."""
+        acc, size = self.accelerator, self.cfg.eval_batch_size
+        for split in self.splits():
+            if not split.caches():
+                continue
+            starts = range(acc.process_index * size, len(split), size * acc.num_processes)
+            for start in progress(starts, desc=f"cache {split.name}", unit="batch", accelerator=acc):
+                used, loaded = self._read(split, range(start, min(len(split), start + size)), replace=False)
+                self._cached(split, used, loaded)
+            for cache in split.caches():
+                cache.flush()
+        acc.wait_for_everyone()
+
+    def _caches_complete(self) -> bool:
+        return all(c.cached_rows() >= len(s) for s in self.splits() for c in s.caches())
+
+    def flush(self) -> None:
+        """Before a checkpoint and at the end: rows encoded since the last flush go to disk."""
+        for split in self.splits():
+            for cache in split.caches():
+                cache.flush()
+
+    def data_metrics(self) -> dict[str, float]:
+        """``data/bad_rows_skipped``: distinct rows whose images were found bad while training (all processes)."""
+        if self.cfg.on_bad_rows != "skip":
+            return {}
+        seen = set()
+        if self._bad_rows_file.is_file():
+            for line in self._bad_rows_file.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line another process is still writing
+                    continue
+                seen.add((entry["split"], entry["row"]))
+        return {"data/bad_rows_skipped": float(len(seen))}
 
     # -- batches -----------------------------------------------------------------------------------
-    def _collate(self, split: _ImageSplit, indices: list[int], train: bool) -> dict[str, Tensor]:
+    def _collate(self, split: _ImageSplit, indices: list, train: bool, epoch: int = 0) -> dict[str, Tensor]:
+        """A batch of ``indices`` (positions in ``split``; decoded pairs for a streamed split)."""
         dc, b = self.cfg.diffusion, len(indices)
-        batch: dict[str, Tensor] = {"row_index": torch.tensor([split.pairs[i].row for i in indices])}
-        if split.pairs[indices[0]].scores is not None:  # odpo / rdpo: (chosen, rejected) scores of each pair
-            batch["scores"] = torch.tensor([split.pairs[i].scores for i in indices], dtype=torch.float32)
+        if split.streamed:
+            used, loaded = list(range(b)), dict(enumerate(indices))
+            rows, captions = [p.row for p in indices], [p.caption for p in indices]
+            scores = [p.scores for p in indices] if indices[0].scores is not None else None
+        else:
+            used, loaded = self._read(split, indices)
+            rows, captions, scores = split.data.meta(used)
+        batch: dict[str, Tensor] = {"row_index": torch.tensor(rows)}
+        if scores is not None:  # odpo / rdpo: (chosen, rejected) scores of each pair
+            batch["scores"] = torch.tensor(scores, dtype=torch.float32)
         drop, flip = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
-        if train:  # one global-RNG draw per batch, then per-row seeds (module docstring)
-            batch_seed = int(torch.randint(0, 2**62, (1,)))
-            batch["train_seed"] = (batch_seed + batch["row_index"] * TRAIN_ROW_STRIDE) % 2**62
+        if train:  # per-row seeds from the run's seed, the epoch and the row (module docstring)
+            batch["train_seed"] = torch.tensor([train_seed(self.cfg.seed, epoch, r) for r in rows])
             draws = torch.stack([torch.rand(2, generator=torch.Generator().manual_seed(int(s)))
                                  for s in batch["train_seed"]])  # fmt: skip
             drop = draws[:, 0] < dc.prompt_dropout
             flip = (draws[:, 1] < 0.5) & dc.random_flip
-        if split.cache is not None:
-            got = split.cache.rows(indices)
+        got = self._cached(split, used, loaded) if split.caches() else {}
+        if self.embedder is not None and split.clip is None:  # uncached (a stream): this batch's own
+            got["embeddings"] = self.embedder([loaded[i] for i in used])
+        if "embeddings" in got:
+            batch["embeddings"] = got.pop("embeddings").float()
+        if split.latents is not None:
             lat = got["latents"].float()  # (b, F, 2, C, h, w)
             batch["latents"] = lat[torch.arange(b), flip.long() if lat.shape[1] > 1 else 0]
             for name in ("prompt_embeds", "pooled"):
                 if name in got:
-                    value = got[name].float()
-                    empty = split.cache.extra[f"empty_{name}"].float()
+                    value, empty = got[name].float(), got[f"extra/empty_{name}"].float()
                     batch[name] = torch.where(drop.view(-1, *[1] * (value.ndim - 1)), empty, value)
             if "time_ids" in got:  # a flipped pair reports its crop's left edge in the mirrored image
                 tid = got["time_ids"].float()
                 left = torch.where(flip, tid[:, 4], tid[:, 3])
                 batch["time_ids"] = torch.cat([tid[:, :3], left[:, None]], dim=1)
         else:
-            pp = [self._pixels(split, i, flip=bool(f)) for i, f in zip(indices, flip)]
+            pp = [pair_pixels(loaded[i], dc.resolution, center_crop=dc.center_crop, flip=bool(f))
+                  for i, f in zip(used, flip)]  # fmt: skip
             batch["pixels"] = torch.stack([p.pixels for p in pp])
-            captions = ["" if d else split.pairs[i].caption for i, d in zip(indices, drop)]
+            captions = ["" if d else c for c, d in zip(captions, drop)]
             for k, tok in enumerate(self.tokenizers):
                 batch[f"input_ids_{k}"] = tokenize_captions(tok, captions)
             if self.is_sdxl:
@@ -316,14 +467,12 @@ class DiffusionTask(Task):
         if self.is_sdxl:  # target size: the training resolution
             batch["time_ids"] = sdxl_time_ids(batch["time_ids"][:, :2], batch["time_ids"][:, 2:4],
                                               (dc.resolution, dc.resolution))  # fmt: skip
-        if split.embeddings is not None:
-            batch["embeddings"] = split.embeddings[indices]
         if not train:  # fixed noise per row: comparable evaluations
             batch["noise_seed"] = batch["row_index"] + EVAL_SEED_STRIDE * (self.cfg.seed + 1)
         return batch
 
-    def collate_train(self, indices: list[int]) -> dict[str, Tensor]:
-        return self._collate(self.train, indices, train=True)
+    def collate_train(self, indices: list[int], epoch: int = 0) -> dict[str, Tensor]:
+        return self._collate(self.train, indices, train=True, epoch=epoch)
 
     def collate_eval(self, indices: list[int]) -> dict[str, Tensor]:
         return self._collate(self.eval, indices, train=False)
@@ -510,6 +659,14 @@ class DiffusionTask(Task):
         base = self.source.name if self.source.is_hub else str(Path(self.source.name).resolve())
         info = {"base_model": base, "revision": self.source.revision, "kind": kind, "sdxl": self.is_sdxl}
         (out_dir / "mmpref.json").write_text(json.dumps(info, indent=2))
+
+
+def train_seed(seed: int, epoch: int, row: int) -> int:
+    """The seed of a training pair's draws (prompt dropout, flip; +1: its ε and t): a hash of the run's seed, the
+    epoch and the dataset row, so it depends on nothing else: not the process, the batch slot, or how far a
+    loader has read ahead."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{row}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
 
 
 def _error_metrics(model_err: Tensor, ref_err: Tensor) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -149,10 +150,20 @@ def epoch_order(size: int, seed: int, epoch: int, labels: torch.Tensor | None = 
                                                       *bad[b * per_bad : (b + 1) * per_bad])]  # fmt: skip
 
 
-def _batches(collate, order: list[int], batch_size: int, skip: int, accelerator):
-    """This process's batches of one epoch's ``order``, after skipping ``skip`` of them."""
-    loader = DataLoader(order, batch_size=batch_size, shuffle=False, collate_fn=collate, drop_last=True)
-    loader = accelerator.prepare_data_loader(loader)
+def _batches(collate, order, epoch: int, batch_size: int, skip: int, accelerator):
+    """This process's batches of epoch ``epoch``'s ``order``, after skipping ``skip`` of them.
+
+    ``collate(rows, epoch=epoch)`` builds each: randomness a task draws per row comes from the run's seed, the
+    epoch and the row, never from a global RNG's position, which the loader's read-ahead of one batch (and
+    its replay after a resume) would shift.
+
+    ``order`` is a list of row positions, which Accelerate shards over the processes, or a stream (an
+    ``IterableDataset`` of rows) that reads this process's own shards already; a resumed stream skips by
+    reading its first ``skip`` batches again."""
+    loader = DataLoader(order, batch_size=batch_size, shuffle=False, collate_fn=partial(collate, epoch=epoch),
+                        drop_last=True)  # fmt: skip
+    if not isinstance(order, torch.utils.data.IterableDataset):
+        loader = accelerator.prepare_data_loader(loader)
     return iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
 
 
@@ -343,11 +354,16 @@ class _Run:
             accelerator.register_for_checkpointing(extra)
         self.checkpointer = Checkpointer(accelerator, out / "checkpoints", cfg.keep_checkpoints)
 
-    def order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int):
+        """The training rows of ``epoch``: seeded positions, or for a streamed split its reshuffled stream."""
+        if self.task.train.streamed:
+            return self.task.train.stream(epoch)
         return epoch_order(len(self.task.train), self.cfg.seed, epoch, self.labels, self.cfg.batch_size)
 
     def _schedule_length(self) -> int:
         """``max_steps``, or the optimizer steps of ``num_epochs`` passes over the training rows."""
+        if self.task.train.streamed:  # no length to check: the plan required max_steps
+            return self.cfg.max_steps
         cfg, accum, size = self.cfg, self.accum, len(self.task.train)
         per_epoch = len(self.order(0)) // (cfg.batch_size * self.accelerator.num_processes)
         if per_epoch < accum:
@@ -396,7 +412,7 @@ class _Run:
     def start_steps(self) -> None:
         """The batch iterator at the resumed position, the gradient checks, the progress bar, the signals."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
-        self.batches = _batches(self.task.collate_train, self.order(state["epoch"]), cfg.batch_size,
+        self.batches = _batches(self.task.collate_train, self.order(state["epoch"]), state["epoch"], cfg.batch_size,
                                 state["batch_in_epoch"], accelerator)  # fmt: skip
         self.scale = accelerator.num_processes if cfg.rpo.global_batch and cfg.loss.type == "rpo" else 1
         self.units, self.t0 = 0, time.perf_counter()
@@ -431,7 +447,7 @@ class _Run:
         except StopIteration:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            self.batches = _batches(self.task.collate_train, self.order(state["epoch"]), self.cfg.batch_size, 0,
+            self.batches = _batches(self.task.collate_train, self.order(state["epoch"]), state["epoch"], self.cfg.batch_size, 0,
                                     self.accelerator)  # fmt: skip
             batch = next(self.batches)
         state["batch_in_epoch"] += 1
@@ -527,6 +543,7 @@ class _Run:
         means["lr"] = self.scheduler.get_last_lr()[0]
         if cfg.nonfinite == "skip":
             means["skipped_steps"] = state["skipped_steps"]
+        means.update(self.task.data_metrics() if accelerator.is_main_process else {})
         if accelerator.scaler is not None:
             means["scaler_skipped_steps"] = state["scaler_skipped_steps"]
         self.bar.set_postfix(
@@ -542,6 +559,7 @@ class _Run:
         if cfg.eval_every and step % cfg.eval_every == 0 and step != self.max_steps:
             self.log(evaluate(self.task, self.model, cfg, accelerator, step), step)
         if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
+            self.task.flush()  # what the checkpoint's resume will read (e.g. lazily cached rows)
             checkpoint = self.checkpointer.save(_checkpoint_state(self.state, self.sums, self.count, accelerator))
         if interrupted:
             self.bar.close()
@@ -553,6 +571,7 @@ class _Run:
         cfg, accelerator, model, state = self.cfg, self.accelerator, self.model, self.state
         self.bar.close()
         elapsed = time.perf_counter() - self.t0
+        self.task.flush()
         self.task.finalize(model)  # e.g. EMA weights in place of the trained ones
         final_eval = evaluate(self.task, model, cfg, accelerator, state["step"])
         self.log(final_eval, state["step"])
@@ -593,7 +612,7 @@ class _Run:
         summary = {"train_seconds": round(elapsed, 2), f"{unit}_per_second": round(self.units / max(elapsed, 1e-9), 1),
                    "peak_gpu_memory_gib": peak, "peak_host_rss_gib": peak_host_rss_gib(),
                    "skipped_steps": state["skipped_steps"], "steps": state["step"],
-                   "mixed_precision": accelerator.mixed_precision, **final_eval}  # fmt: skip
+                   "mixed_precision": accelerator.mixed_precision, **self.task.data_metrics(), **final_eval}  # fmt: skip
         if accelerator.scaler is not None:
             summary["scaler_skipped_steps"] = state["scaler_skipped_steps"]
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))

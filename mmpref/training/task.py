@@ -23,6 +23,9 @@ class Split(Protocol):
 
     #: (N,) bool for unpaired rows, True = desirable (the loop balances batches by them); None for pairs
     labels: Tensor | None
+    #: a stream (``streaming: true``): no length; ``stream(epoch)`` gives the epoch's rows, which the task's
+    #: collate takes in place of positions
+    streamed: bool
 
     def __len__(self) -> int: ...
 
@@ -50,8 +53,10 @@ class Task(ABC):
 
     # -- what every task implements ---------------------------------------------------------------
     @abstractmethod
-    def collate_train(self, indices: list[int]) -> dict[str, Tensor]:
-        """The training batch of these rows of ``train``; holds ``row_index`` (dataset rows, for messages)."""
+    def collate_train(self, indices: list[int], epoch: int = 0) -> dict[str, Tensor]:
+        """The training batch of these rows of ``train`` in ``epoch``; holds ``row_index`` (dataset rows, for
+        messages). Any randomness is drawn from the run's seed, ``epoch`` and the rows, never from a global RNG:
+        the loader reads a batch ahead, so a global RNG's position at collate time is not the step's."""
 
     @abstractmethod
     def collate_eval(self, indices: list[int]) -> dict[str, Tensor]:
@@ -88,6 +93,16 @@ class Task(ABC):
     def finalize(self, model: nn.Module) -> None:
         """After the last step, before the final evaluation and save; e.g. EMA weights in place of the trained."""
         return None
+
+    def flush(self) -> None:
+        """Before every checkpoint and at the end of training: write what the task holds in memory that a
+        resumed or later run should find on disk (e.g. rows a lazily filled cache encoded since its last write)."""
+        return None
+
+    def data_metrics(self) -> dict[str, float]:
+        """Counts about the data found while training (e.g. ``data/bad_rows_skipped``), for the logs and
+        ``summary.json``; read on the main process."""
+        return {}
 
     def checkpoint_objects(self) -> list:
         """Extra state (``state_dict`` / ``load_state_dict`` objects) saved in every checkpoint, restored on resume."""

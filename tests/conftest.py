@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# remembered file hashes (mmpref.hub.file_sha256) in a folder of this run's, not the user's ~/.cache/mmpref
+os.environ.setdefault("MMPREF_CACHE", tempfile.mkdtemp(prefix="mmpref-test-cache-"))
 
 
 @pytest.fixture(scope="module")

@@ -212,14 +212,17 @@ class _PairView(Sequence):
 
 
 def _file_stamp(cell: Any, base: Path) -> str | None:
-    """``""`` for an image stored as bytes, else ``"path:size:mtime"`` of its file (None: not a file)."""
-    value = cell.as_py() if hasattr(cell, "as_py") else cell
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return ""
-        value = value.get("path")
-    if isinstance(value, (bytes, bytearray)):
+    """``""`` for an image stored as bytes, else ``"path:size:mtime"`` of its file (None: not a file).
+    ``cell`` is an Arrow scalar: the stored bytes are looked at, never copied out."""
+    import pyarrow as pa
+
+    if pa.types.is_binary(cell.type) or pa.types.is_large_binary(cell.type):
         return ""
+    if pa.types.is_struct(cell.type):  # datasets.Image: {"bytes", "path"}
+        if cell["bytes"].is_valid and len(cell["bytes"].as_buffer() or b""):
+            return ""
+        cell = cell["path"]
+    value = cell.as_py()
     if not isinstance(value, str) or not value.strip() or "\x00" in value:
         return None
     try:
@@ -303,6 +306,19 @@ def _decode_problem(data: bytes) -> str | None:
     return _decode(data)[1]
 
 
+def _caption_label_problems(caption: Any, label: Any) -> list[str]:
+    """What is wrong with a row's caption and label (the checks that read no image)."""
+    reasons = []
+    if isinstance(caption, str) or caption is None:
+        if problem := _text_problem("caption", caption):
+            reasons.append(problem)
+    else:
+        reasons.append(f"'caption' must be a string, got {type(caption).__name__}")
+    if problem := _label_problem(label):
+        reasons.append(problem)
+    return reasons
+
+
 def _label_problem(label: Any) -> str | None:
     if label is None:
         return "missing 'label_0'"
@@ -320,14 +336,7 @@ def image_row_problems(
     Total over any input: whatever the values, it returns reasons and never raises. Every image is
     decoded here, so a corrupt file is a bad row before training, not a crash at step N.
     """
-    reasons = []
-    if isinstance(caption, str) or caption is None:
-        if problem := _text_problem("caption", caption):
-            reasons.append(problem)
-    else:
-        reasons.append(f"'caption' must be a string, got {type(caption).__name__}")
-    if problem := _label_problem(label):
-        reasons.append(problem)
+    reasons = _caption_label_problems(caption, label)
     refs, blobs = [], []
     for name, value in (("jpg_0", jpg_0), ("jpg_1", jpg_1)):
         data = None
@@ -449,14 +458,7 @@ def _cheap_checks(ds: datasets.Dataset, has_scores: bool, chosen_scores_higher: 
                             images.iter(batch_size=ROWS_PER_BATCH)):  # fmt: skip
         nulls = [arrow.column(c).is_null().to_pylist() for c in ("jpg_0", "jpg_1")]
         for k, (caption, label) in enumerate(zip(batch["caption"], batch["label_0"])):
-            reasons = []
-            if isinstance(caption, str) or caption is None:
-                if problem := _text_problem("caption", caption):
-                    reasons.append(problem)
-            else:
-                reasons.append(f"'caption' must be a string, got {type(caption).__name__}")
-            if problem := _label_problem(label):
-                reasons.append(problem)
+            reasons = _caption_label_problems(caption, label)
             reasons += [f"{c!r} missing" for c, null in zip(("jpg_0", "jpg_1"), nulls) if null[k]]
             if has_scores:
                 raw = [batch[c][k] for c in IMAGE_SCORE_COLUMNS]
@@ -516,7 +518,7 @@ class ImageStream(torch.utils.data.IterableDataset):
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
         for row, rec in enumerate(ds):
             label = rec.get("label_0")
-            reasons = [p for p in (_text_problem("caption", rec.get("caption")), _label_problem(label)) if p]
+            reasons = _caption_label_problems(rec.get("caption"), label)
             scores = None
             if self.has_scores and not reasons:
                 raw = [rec.get(c) for c in IMAGE_SCORE_COLUMNS]

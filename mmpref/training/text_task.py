@@ -6,20 +6,28 @@ import copy
 import hashlib
 import json
 import logging
-import os
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 from accelerate.utils import gather_object
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mmpref.adapters.causal_lm import TokenizedRow, collate, response_logps, tokenize_row
-from mmpref.data import TextDataset, prepare_text_dataset, prompt_embeddings, prompt_text
-from mmpref.data.text import config_sources, held_out_split, iter_rows
+from mmpref.data import TextDataset, prepare_text_dataset, prompt_text
+from mmpref.data.row_cache import atomic_save
+from mmpref.data.text import (
+    ROWS_PER_BATCH,
+    config_sources,
+    held_out_split,
+    indexed_prompt_embeddings,
+    iter_rows,
+)
 from mmpref.hub import ModelSource
 from mmpref.progress import progress
 from mmpref.training.config import (
@@ -37,12 +45,19 @@ from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
 
+TOKENS_VERSION = "mmpref-tokens-1"  # in every token-cache key: a change to tokenize_row makes new entries
+REF_VERSION = "mmpref-ref-1"  # in every reference-chunk key
+TOKEN_CHUNK_ROWS = 1000  # rows of one token-cache file: at most this much is tokenized again after a kill
+REF_CHUNK_ROWS = 512  # rows of one reference-cache file
+
 
 class PackedRows(Sequence[TokenizedRow]):
     """Tokenized rows in one flat buffer plus span offsets; ``rows[i]`` gives a TokenizedRow.
 
     2 bytes a token (4 once an id exceeds 65535) instead of ~36 for a Python int in a list, so 50k
     rows of a few hundred tokens take tens of MiB, not a GiB (``benchmarks/data_memory.py``).
+    Rows arrive one at a time (:meth:`append`) or a cache chunk at a time (:meth:`extend`); both give
+    the same buffers.
     """
 
     def __init__(self) -> None:
@@ -53,15 +68,47 @@ class PackedRows(Sequence[TokenizedRow]):
 
     def append(self, row: TokenizedRow) -> None:
         spans = [row.prompt, *row.responses]
-        self._spans_per_row = self._spans_per_row or len(spans)
-        if len(spans) != self._spans_per_row:
-            raise ValueError(
-                f"row {row.index}: {len(spans) - 1} responses, the others have {self._spans_per_row - 1}"
-            )
+        self._check_spans(len(spans), row.index)
         for ids in spans:
             self._extend(ids)
             self._starts.append(len(self._ids))
         self._numbers.append(row.index)
+
+    def extend(self, ids: Tensor, lengths: Tensor, numbers: Sequence[int]) -> None:
+        """Append ``len(numbers)`` rows given as :meth:`tensors` holds them (their source row numbers apart)."""
+        self._check_spans(len(lengths) // max(1, len(numbers)), numbers[0] if len(numbers) else 0)
+        if ids.dtype == torch.int32 and self._ids.typecode == "H":
+            self._ids = array("i", self._ids)  # the chunk holds an id past uint16: widen, as append does
+        self._ids.frombytes(ids.to(_TORCH_DTYPES[self._ids.typecode]).numpy().tobytes())
+        ends = self._starts[-1] + torch.cumsum(lengths.to(torch.int64), 0)
+        self._starts.frombytes(ends.numpy().tobytes())
+        self._numbers.extend(numbers)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The token ids (uint16, or int32 once widened) and every span's length: a cache chunk's content."""
+        starts = _tensor(self._starts, torch.int64)
+        return {"ids": _tensor(self._ids, _TORCH_DTYPES[self._ids.typecode]),
+                "lengths": (starts[1:] - starts[:-1]).to(torch.int32)}  # fmt: skip
+
+    def digest(self, start: int = 0, stop: int | None = None) -> str:
+        """sha256 of the token ids and span boundaries of rows ``start:stop`` (not their row numbers)."""
+        stop = len(self) if stop is None else stop
+        first, last = start * self._spans_per_row, stop * self._spans_per_row
+        lo, hi = self._starts[first], self._starts[last]
+        h = hashlib.sha256(f"{self._ids.typecode}{self._spans_per_row}".encode())
+        h.update(memoryview(self._ids)[lo:hi])
+        h.update(array("q", (s - lo for s in self._starts[first : last + 1])))
+        return h.hexdigest()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the token ids (the floor of what a run keeps)."""
+        return len(self._ids) * self._ids.itemsize
+
+    def _check_spans(self, spans: int, index: int) -> None:
+        self._spans_per_row = self._spans_per_row or spans
+        if spans != self._spans_per_row:
+            raise ValueError(f"row {index}: {spans - 1} responses, the others have {self._spans_per_row - 1}")
 
     def _extend(self, ids: list[int]) -> None:
         size = len(self._ids)
@@ -85,64 +132,197 @@ class PackedRows(Sequence[TokenizedRow]):
         return TokenizedRow(index=self._numbers[i], prompt=spans[0], responses=spans[1:])
 
 
+_TORCH_DTYPES = {"H": torch.uint16, "i": torch.int32}  # PackedRows' buffer typecodes as tensor dtypes
+
+
+def _tensor(values: array, dtype: torch.dtype) -> Tensor:
+    """A copy of an ``array`` as a tensor, through its buffer (no Python int per element)."""
+    return torch.frombuffer(values, dtype=dtype).clone() if len(values) else torch.empty(0, dtype=dtype)
+
+
+class _ChunkStore:
+    """The chunks of one long computation as files in ``folder``, one per chunk, named by the chunk's content key.
+
+    Each file is written to a temporary name and renamed (``atomic_save``), so a killed run leaves only
+    whole chunks and a rerun computes only the missing ones. ``folder=None`` caches nothing.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def has(self, key: str) -> bool:
+        return self.folder is not None and (self.folder / f"{key}.safetensors").is_file()
+
+    def get(self, key: str, compute: Callable[..., dict[str, Tensor]], *args: object) -> dict[str, Tensor]:
+        """The chunk ``key``, read back, or computed (``compute(*args)``) and stored."""
+        if self.has(key):
+            try:
+                return load_file(self.folder / f"{key}.safetensors")
+            except Exception as exc:  # a foreign or damaged file: recompute rather than fail
+                logger.warning("ignoring unreadable cache chunk %s (%s); recomputing", key, exc)
+        tensors = compute(*args)
+        if self.folder is not None:
+            atomic_save(tensors, self.folder / f"{key}.safetensors")
+        return tensors
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive chunks of ``size`` rows covering ``n`` rows."""
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _short_hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A hash of what :func:`tokenize_row` reads from ``tokenizer``, or None when it cannot be read (then
+    nothing is cached): the fast tokenizer's whole definition (vocabulary, merges, normalizer, pre- and
+    post-processor, added tokens), its chat template and special tokens, and the library versions."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import tokenizers
+    import transformers
+
+    return _short_hash(type(tokenizer).__name__, backend.to_str(), tokenizer.chat_template,
+                       tokenizer.special_tokens_map, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                       transformers.__version__, tokenizers.__version__)  # fmt: skip
+
+
+def _row_chunk_keys(rows: datasets.Dataset, columns: list[str], size: int) -> Iterator[str]:
+    """A content key per chunk of ``size`` rows: sha256 of its Arrow data (schema included), one chunk at a time."""
+    for table in rows.select_columns(columns).with_format("arrow").iter(batch_size=size):
+        sink = pa.BufferOutputStream()
+        table = table.combine_chunks()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        yield hashlib.sha256(sink.getvalue()).hexdigest()[:32]
+
+
+def _token_store(task: TextTask, cache_dir: Path, columns: list[str]) -> _ChunkStore:
+    """Where the token chunks of ``columns`` go: a folder named by the tokenizer and the length settings
+    (no cache when the tokenizer cannot be fingerprinted)."""
+    fingerprint, cfg = tokenizer_fingerprint(task.tokenizer), task.cfg
+    if fingerprint is None:
+        return _ChunkStore(None)
+    settings = _short_hash(TOKENS_VERSION, fingerprint, cfg.max_length, cfg.max_prompt_length,
+                           cfg.truncation_mode, columns)  # fmt: skip
+    return _ChunkStore(cache_dir / f"tokens-{settings[:16]}")
+
+
+def _tokenize_chunk(
+    task: TextTask, rows: datasets.Dataset, row_numbers: Sequence[int], start: int, stop: int
+) -> dict[str, Tensor]:
+    """Rows ``start:stop`` tokenized, as :meth:`PackedRows.tensors` (a token-cache chunk)."""
+    cfg, part = task.cfg, PackedRows()
+    for i, r in enumerate(iter_rows(rows.select(range(start, stop))), start=start):
+        responses = [r["chosen"], r["rejected"]] if "chosen" in r else [r["completion"]]
+        part.append(tokenize_row(task.tokenizer, row_numbers[i], r["prompt"], responses, max_length=cfg.max_length,
+                                 max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode))  # fmt: skip
+    return part.tensors()
+
+
 class _Split:
     """One dataset split, tokenized, with everything a batch needs besides the model.
 
-    ``rows`` is read once, a batch of rows at a time (the ``datasets.Dataset`` stays in its memory-mapped
-    Arrow file); only the token ids (packed), labels, scores and prompt embeddings are kept.
+    ``rows`` is read a chunk of rows at a time (the ``datasets.Dataset`` stays in its memory-mapped Arrow
+    file); only the token ids (packed), labels, scores and prompt embeddings are kept, none as a Python
+    object per row. The token ids go through a chunked cache in the data's cache folder (:meth:`_tokenize`).
     ``row_numbers[i]`` is the source file's number of ``rows[i]``, the ``row_index`` of messages.
     """
+
+    streamed = False  # rows read and tokenized ahead (a streamed split reads them as training goes)
 
     def __init__(
         self, task: TextTask, data: TextDataset, rows: datasets.Dataset, row_numbers: Sequence[int], name: str
     ):
-        cfg, tok = task.cfg, task.tokenizer
-        self.name, self.format = name, data.format
+        cfg = task.cfg
+        self.name, self.format, self.cache_dir = name, data.format, data.cache_dir
         paired = data.format == "paired"
-        want_embeddings = cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal"
-        self.rows = PackedRows()
-        labels, scores, prompts = array("b"), array("d"), []
-        digest = hashlib.sha256(b"[")  # = sha256(json.dumps([[prompt, responses], ...])), row by row
-        has_scores = paired and all(c in rows.column_names for c in ("score_chosen", "score_rejected"))
-        bar = progress(iter_rows(rows), desc=f"tokenize {name}", total=len(rows), unit="row",
-                       accelerator=task.accelerator)  # fmt: skip
-        for i, r in enumerate(bar):
-            row = tokenize_row(
-                tok, row_numbers[i], r["prompt"], [r["chosen"], r["rejected"]] if paired else [r["completion"]],
-                max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                truncation_mode=cfg.truncation_mode,
-            )  # fmt: skip
-            self.rows.append(row)
-            digest.update(((", " if i else "") + json.dumps([row.prompt, row.responses])).encode())
-            if has_scores and r["score_chosen"] is not None:  # validated: every row has them, or none
-                scores.extend((r["score_chosen"], r["score_rejected"]))
-            if not paired:
-                labels.append(bool(r["label"]))
-            if want_embeddings:
-                prompts.append(prompt_text(r["prompt"]))
-        digest.update(b"]")
-        self.key = digest.hexdigest()[:16]
-        self.labels = None if paired else torch.tensor(labels, dtype=torch.bool)
-        self.scores = None
-        if scores and len(scores) == 2 * len(self.rows):
-            self.scores = torch.tensor(scores, dtype=torch.float32).view(-1, 2)
-        self.embeddings = None
-        if want_embeddings:
-            self.embeddings = prompt_embeddings(
-                prompts, model=cfg.rpo.embedding_model, cache_dir=data.cache_dir
+        self.rows = self._tokenize(task, rows, row_numbers, paired)
+        self.key = self.rows.digest()[:16]
+        self.labels = None if paired else torch.from_numpy(_column(rows, "label").astype(bool))
+        self.scores = _scores(rows) if paired else None
+        self.embeddings: Tensor | None = None  # RPO: one per distinct prompt; prompt_index[i] is row i's
+        self.prompt_index: Tensor | None = None
+        if cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal":
+            self.embeddings, self.prompt_index = indexed_prompt_embeddings(
+                _prompts(rows), model=cfg.rpo.embedding_model, cache_dir=data.cache_dir
             )
         self.ref_logps: Tensor | None = None
+
+    def _tokenize(self, task: TextTask, rows: datasets.Dataset, row_numbers: Sequence[int], paired: bool
+                  ) -> PackedRows:  # fmt: skip
+        """Every row tokenized, a chunk of :data:`TOKEN_CHUNK_ROWS` rows at a time, each chunk cached.
+
+        A chunk's file is named by a hash of its rows' Arrow data, in a folder named by the tokenizer and
+        the length settings, so a rerun after a kill tokenizes only the chunks that were not finished, and
+        edited rows or other settings never read stale ids. Under several processes each tokenizes every
+        P-th chunk, then reads the others' (or tokenizes them itself, when it cannot see them).
+        """
+        acc = task.accelerator
+        columns = ["prompt", "chosen", "rejected"] if paired else ["prompt", "completion"]
+        store = _token_store(task, self.cache_dir, columns)
+        bounds = _chunks(len(rows), TOKEN_CHUNK_ROWS)
+        keys = list(_row_chunk_keys(rows, columns, TOKEN_CHUNK_ROWS))
+        args = (task, rows.select_columns(columns), row_numbers)
+        done = {c for c, key in enumerate(keys) if store.has(key)}  # shown as done from the start
+        packed = PackedRows()
+        with progress(total=len(rows), initial=sum(b - a for c, (a, b) in enumerate(bounds) if c in done),
+                      desc=f"tokenize {self.name}", unit="row", accelerator=acc) as bar:  # fmt: skip
+            if acc.num_processes > 1 and store.folder is not None:
+                for c in range(acc.process_index, len(bounds), acc.num_processes):
+                    if c not in done:
+                        store.get(keys[c], _tokenize_chunk, *args, *bounds[c])
+                        bar.update(bounds[c][1] - bounds[c][0])
+                        done.add(c)
+                acc.wait_for_everyone()
+            for c, (a, b) in enumerate(bounds):
+                part = store.get(keys[c], _tokenize_chunk, *args, a, b)
+                packed.extend(part["ids"], part["lengths"], row_numbers[a:b])
+                if c not in done:
+                    bar.update(b - a)
+        return packed
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def collate(self, indices: list[int], pad_token_id: int) -> dict[str, Tensor]:
         batch = collate([self.rows[i] for i in indices], pad_token_id)
-        for name in ("labels", "scores", "embeddings", "ref_logps"):
+        for name in ("labels", "scores", "ref_logps"):
             value = getattr(self, name)
             if value is not None:
                 batch[name] = value[indices]
+        if self.embeddings is not None:  # one per distinct prompt, or one per row without prompt_index
+            rows = indices if self.prompt_index is None else self.prompt_index[indices]
+            batch["embeddings"] = self.embeddings[rows]
         return batch
+
+
+def _column(rows: datasets.Dataset, name: str):
+    """One column of every row as a numpy array, read through Arrow (no Python object per row)."""
+    return rows.select_columns([name]).with_format("arrow")[:][name].to_numpy()
+
+
+def _scores(rows: datasets.Dataset) -> Tensor | None:
+    """(rows, 2) float32 ``score_chosen``, ``score_rejected``; None unless every row has both (validated:
+    every row has them, or none)."""
+    names = ("score_chosen", "score_rejected")
+    if not all(n in rows.column_names for n in names):
+        return None
+    table = rows.select_columns(list(names)).with_format("arrow")[:]
+    if any(table[n].null_count for n in names):
+        return None
+    return torch.from_numpy(np.stack([table[n].to_numpy().astype(np.float64) for n in names], axis=1)).float()
+
+
+def _prompts(rows: datasets.Dataset) -> Iterator[str]:
+    """Each row's prompt as the sentence embedder reads it, a batch of rows at a time."""
+    for batch in rows.select_columns(["prompt"]).iter(batch_size=ROWS_PER_BATCH):
+        yield from map(prompt_text, batch["prompt"])
 
 
 class TextTask(Task):
@@ -246,42 +426,66 @@ class TextTask(Task):
 
         The policy before training *is* the reference, so no second model is loaded. It runs under the
         policy's numerics (dtype and the launcher's autocast), so ℓ is exactly 0 before the first step;
-        the precision is part of the cache key. Each process computes a strided share of the rows; the
-        shares are then gathered.
+        the precision is part of the cache key. The rows go in chunks of :data:`REF_CHUNK_ROWS`, each
+        cached in the data's cache folder as soon as it is done (:meth:`_reference_caches`), so a rerun
+        after a kill computes only the missing chunks. Each process computes every P-th chunk; the chunks
+        are then gathered.
         """
         acc = self.accelerator
-        cache = None
-        if self.source is not None:  # an in-memory model has no identity to key a cache by
-            model_id = hashlib.sha256(self.source.identity().encode()).hexdigest()[:16]
-            key = f"{model_id}-{split.key}-{self.cfg.torch_dtype}-{acc.mixed_precision}"
-            cache = Path(self.cfg.output_dir) / "cache" / f"ref_logps-{split.name}-{key}.safetensors"
-            if cache.is_file():
-                return load_file(cache)["ref_logps"]
+        cache, chunks = self._reference_caches(split)
+        if cache is not None and cache.is_file():
+            return load_file(cache)["ref_logps"]
         logger.info("reference log-probs of %d %s rows: computing once%s", len(split), split.name,
-                    f", cached in {cache}" if cache is not None else "")  # fmt: skip
+                    f", cached in {cache} (chunks in {chunks.folder})" if cache is not None else "")  # fmt: skip
         model = self.model.to(acc.device).eval()
-        mine = list(range(acc.process_index, len(split), acc.num_processes))
+        bounds = _chunks(len(split), REF_CHUNK_ROWS)
+        mine = range(acc.process_index, len(bounds), acc.num_processes)
+        # batch size and head chunks change the float rounding: in the key, so a resumed pass is bit-identical
+        numerics = (self.cfg.eval_batch_size, self.cfg.lm_head_chunk_size)
+        keys = {c: _short_hash(split.rows.digest(*bounds[c]), numerics) for c in mine}
+        done = {c for c in mine if chunks.has(keys[c])}  # shown as done from the start
         results = []
-        bs = self.cfg.eval_batch_size
-        with progress(total=len(mine), desc=f"reference {split.name}", unit="row", accelerator=acc) as bar:
-            for start in range(0, len(mine), bs):
-                idx = mine[start : start + bs]
-                batch = split.collate(idx, self.tokenizer.pad_token_id)
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                with acc.autocast():  # as the policy's forward in the loop
-                    logps = response_logps(model, batch, chunk_size=self.cfg.lm_head_chunk_size)[0]
-                results.extend(zip(idx, logps.float().cpu().tolist()))
-                bar.update(len(idx))
-        ref = torch.zeros(len(split), len(split.rows[0].responses))
-        for i, values in gather_object(results):
-            ref[i] = torch.tensor(values)
+        with progress(total=sum(bounds[c][1] - bounds[c][0] for c in mine), desc=f"reference {split.name}",
+                      initial=sum(bounds[c][1] - bounds[c][0] for c in done), unit="row", accelerator=acc) as bar:  # fmt: skip
+            for c in mine:
+                part = chunks.get(keys[c], self._reference_chunk, model, split, *bounds[c])
+                results.append((c, part["ref_logps"]))
+                if c not in done:
+                    bar.update(bounds[c][1] - bounds[c][0])
+        by_chunk = dict(gather_object(results))
+        ref = torch.cat([by_chunk[c] for c in range(len(bounds))])
         if acc.is_main_process and cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            save_file({"ref_logps": ref}, tmp)
-            os.replace(tmp, cache)
+            atomic_save({"ref_logps": ref}, cache)
         model.train()
         return ref
+
+    def _reference_caches(self, split: _Split) -> tuple[Path | None, _ChunkStore]:
+        """The run's file of ``split``'s reference log-probs (``output_dir/cache``) and the chunk store they
+        are computed through (the data's cache folder, a folder per model and precision, a file per chunk
+        named by its token ids); neither for an in-memory model, which has no identity to key them by."""
+        if self.source is None:
+            return None, _ChunkStore(None)
+        identity = self.source.identity()
+        dtype, precision = self.cfg.torch_dtype, self.accelerator.mixed_precision
+        model_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        name = f"ref_logps-{split.name}-{model_id}-{split.key}-{dtype}-{precision}.safetensors"
+        cache = Path(self.cfg.output_dir) / "cache" / name
+        folder = split.cache_dir / f"ref_logps-{_short_hash(REF_VERSION, identity, dtype, precision)[:16]}"
+        return cache, _ChunkStore(folder)
+
+    def _reference_chunk(self, model: nn.Module, split: _Split, start: int, stop: int) -> dict[str, Tensor]:
+        """``ref_logps``: (stop - start, K) float32 summed response log-probs of rows ``start:stop``, a batch
+        at a time."""
+        acc, bs, out = self.accelerator, self.cfg.eval_batch_size, []
+        for first in range(start, stop, bs):
+            batch = split.collate(list(range(first, min(first + bs, stop))), self.tokenizer.pad_token_id)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            with acc.autocast():  # as the policy's forward in the loop
+                out.append(
+                    response_logps(model, batch, chunk_size=self.cfg.lm_head_chunk_size)[0].float().cpu()
+                )
+        return {"ref_logps": torch.cat(out)}
 
     def _reference_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor | None:
         if self.reference_free:
@@ -297,7 +501,7 @@ class TextTask(Task):
                 return response_logps(model, batch, chunk_size=self.cfg.lm_head_chunk_size)[0]
 
     # -- what the loop calls --------------------------------------------------------------
-    def collate_train(self, indices: list[int]) -> dict[str, Tensor]:
+    def collate_train(self, indices: list[int], epoch: int = 0) -> dict[str, Tensor]:
         return self.train.collate(indices, self.tokenizer.pad_token_id)
 
     def collate_eval(self, indices: list[int]) -> dict[str, Tensor]:

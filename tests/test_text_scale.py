@@ -240,3 +240,32 @@ def test_rpo_keeps_one_embedding_per_distinct_prompt(lm, tmp_path, monkeypatch):
     assert per_row.shape == (ROWS, 3)
     picked = [0, 11, 25, 119]
     torch.testing.assert_close(split.collate(picked, 0)["embeddings"], per_row[picked], rtol=0, atol=0)
+
+
+def test_a_streamed_text_dataset_trains_resumes_exactly_and_names_a_bad_row(tmp_path, capsys):
+    """``streaming: true``: rows checked and tokenized as the stream gives them; a run stopped at a checkpoint
+    and resumed ends bit-identical to an uninterrupted one; a bad row stops the run naming it."""
+    from safetensors.torch import load_file
+
+    from mmpref.cli import main
+    from mmpref.training import load_config, train
+
+    lm = make_tiny_lm(tmp_path / "lm", seed=0)
+    rows = [{"prompt": f"Q{i}: pick a colour", "chosen": f"Blue {i}.", "rejected": f"Nope {i}"} for i in range(24)]
+    data, bad = tmp_path / "t.jsonl", tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [*rows[:3], {**rows[3], "rejected": rows[3]["chosen"]}]))
+    common = [f"model={lm}", f"dataset={data}", "report_to=none", "streaming=true", "precompute_ref=false",
+              "max_length=64", "max_prompt_length=32", "batch_size=4", "log_every=1", "shuffle_buffer=8",
+              "learning_rate=1e-3", "lr_scheduler=constant", "save_every=4"]  # fmt: skip
+    straight = train(load_config(None, [*common, f"output_dir={tmp_path / 'a'}", "max_steps=10"]))  # 6 batches an epoch
+    train(load_config(None, [*common, f"output_dir={tmp_path / 'b'}", "max_steps=4"]))
+    resumed = train(load_config(None, [*common, f"output_dir={tmp_path / 'b'}", "max_steps=10"]), resume="latest")
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    empty = tmp_path / "e.yaml"
+    empty.write_text("{}\n")
+    assert main(["train", str(empty), *common, f"dataset={bad}", "max_steps=2", "batch_size=2",
+                 f"output_dir={tmp_path / 'c'}"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "'chosen' and 'rejected' are identical" in err and "stream in epoch 0" in err

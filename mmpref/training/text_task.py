@@ -23,6 +23,7 @@ from mmpref.data import TextDataset, prepare_text_dataset, prompt_text
 from mmpref.data.row_cache import atomic_save
 from mmpref.data.text import (
     ROWS_PER_BATCH,
+    DataError,
     config_sources,
     held_out_split,
     indexed_prompt_embeddings,
@@ -302,6 +303,80 @@ class _Split:
         return batch
 
 
+class _StreamedSplit(torch.utils.data.IterableDataset):
+    """The training split of ``streaming: true``: rows checked and tokenized as the stream gives them.
+
+    Each epoch reshuffles the stream (``datasets``' shard shuffle and a ``shuffle_buffer``-row buffer, seeded
+    by ``seed`` and the epoch); each process reads its own shards. A stream has no row numbers of its own:
+    ``row_index`` counts the rows this process read in this epoch. A bad row stops the run naming that count
+    and the reason (``on_bad_rows: error``) or is left out with a warning (``skip``). No reference pass runs
+    ahead (refused at plan time): the frozen reference, or the LoRA base, runs every step.
+    """
+
+    streamed = True
+    labels = None
+    name = "train"
+
+    def __init__(self, task: TextTask, source, options: dict):
+        from mmpref.data.text import SCORE_COLUMNS, detect_format, needs_prompt_extraction, open_stream
+
+        ds, self.source, _ = open_stream(source, **options)
+        columns = ds.column_names or list(next(iter(ds)))
+        try:
+            self.format = detect_format(columns)
+        except DataError as exc:
+            raise DataError(f"{self.source}: {exc}") from exc
+        self.implicit = self.format == "paired" and (
+            "prompt" not in columns or (ds.features is not None and needs_prompt_extraction(ds.features))
+        )
+        self.score_columns = [c for c in SCORE_COLUMNS if self.format == "paired" and c in columns]
+        self.task, self.ds, self.epoch = task, ds, 0
+
+    def stream(self, epoch: int) -> _StreamedSplit:
+        out = copy.copy(self)
+        out.epoch = epoch
+        return out
+
+    def __iter__(self) -> Iterator[tuple[TokenizedRow, dict]]:
+        from datasets.distributed import split_dataset_by_node
+
+        from mmpref.data.text import extract_prompt, row_problems
+
+        cfg, acc, tok = self.task.cfg, self.task.accelerator, self.task.tokenizer
+        ds = self.ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+        ds.set_epoch(self.epoch)
+        if acc.num_processes > 1:
+            ds = split_dataset_by_node(ds, rank=acc.process_index, world_size=acc.num_processes)
+        scores = score_checks(cfg)
+        for n, row in enumerate(ds):
+            if self.implicit and isinstance(row.get("chosen"), (str, list)) and isinstance(row.get("rejected"), (str, list)):
+                if row["chosen"] and row["rejected"] and type(row["chosen"]) is type(row["rejected"]):
+                    row = {**row, **dict(zip(("prompt", "chosen", "rejected"), extract_prompt(row["chosen"], row["rejected"])))}
+            problems = row_problems(row, self.format, self.score_columns, implicit_prompt=self.implicit,
+                                    chosen_scores_higher=scores["chosen_scores_higher"])  # fmt: skip
+            if problems:
+                where = f"{self.source}: row {n} of process {acc.process_index}'s stream in epoch {self.epoch}"
+                if cfg.on_bad_rows == "error":
+                    raise DataError(f"{where}: {'; '.join(problems)}. Fix it, or set `on_bad_rows: skip`")
+                logger.warning("%s skipped (on_bad_rows=skip): %s", where, "; ".join(problems))
+                continue
+            paired = self.format == "paired"
+            answers = [row["chosen"], row["rejected"]] if paired else [row["completion"]]
+            tokens = tokenize_row(tok, n, row["prompt"], answers, max_length=cfg.max_length,
+                                  max_prompt_length=cfg.max_prompt_length, truncation_mode=cfg.truncation_mode)  # fmt: skip
+            extra = {"labels": bool(row["label"])} if not paired else {}
+            if len(self.score_columns) == 2:
+                extra["scores"] = (float(row["score_chosen"]), float(row["score_rejected"]))
+            yield tokens, extra
+
+    def collate(self, items: list[tuple[TokenizedRow, dict]], pad_token_id: int) -> dict[str, Tensor]:
+        batch = collate([tokens for tokens, _ in items], pad_token_id)
+        for name, dtype in (("labels", torch.bool), ("scores", torch.float32)):
+            if name in items[0][1]:
+                batch[name] = torch.tensor([extra[name] for _, extra in items], dtype=dtype)
+        return batch
+
+
 def _column(rows: datasets.Dataset, name: str):
     """One column of every row as a numpy array, read through Arrow (no Python object per row)."""
     return rows.select_columns([name]).with_format("arrow")[:][name].to_numpy()
@@ -354,10 +429,13 @@ class TextTask(Task):
 
         (train_data, options), evaluation = config_sources(cfg, train_dataset, eval_dataset)
         scores = score_checks(cfg)  # odpo / rdpo: the score columns the loss reads
-        train = prepare_text_dataset(train_data, on_bad_rows=cfg.on_bad_rows, **scores, **options)
-        # rows are read a batch at a time while tokenizing, not copied to Python
-        train_rows, train_numbers = train.dataset, train.row_numbers
         eval_rows: datasets.Dataset | None = None
+        if cfg.streaming:  # the training rows are read as training goes (the plan refused a held-out share)
+            self.train, train = _StreamedSplit(self, train_data, options), None
+        else:
+            train = prepare_text_dataset(train_data, on_bad_rows=cfg.on_bad_rows, **scores, **options)
+            # rows are read a batch at a time while tokenizing, not copied to Python
+            train_rows, train_numbers = train.dataset, train.row_numbers
         if evaluation is not None:  # eval data of its own, or a named split
             eval_data, options = evaluation
             evald = prepare_text_dataset(eval_data, on_bad_rows=cfg.on_bad_rows, **scores, **options)
@@ -370,11 +448,12 @@ class TextTask(Task):
                 eval_numbers = array("q", (train_numbers[i] for i in eval_order))
                 train_rows = train_rows.select(train_order, keep_in_memory=True)
                 train_numbers = array("q", (train_numbers[i] for i in train_order))
-        if cfg.loss.type != "rpo" and train.format == "unpaired":
+        if cfg.loss.type != "rpo" and (train or self.train).format == "unpaired":
             raise ConfigError(
                 "loss.type: unpaired data (prompt, completion, label) trains with loss.type=rpo"
             )
-        self.train = _Split(self, train, train_rows, train_numbers, "train")
+        if train is not None:
+            self.train = _Split(self, train, train_rows, train_numbers, "train")
         self.eval = None
         if eval_rows is not None and len(eval_rows):
             self.eval = _Split(self, evald, eval_rows, eval_numbers, "eval")

@@ -15,8 +15,8 @@ Choices, all documented here because Diffusion-RPO has no public reference code:
   diffusion entry of ``LoraConfig.DEFAULT_TARGETS``, unless ``lora.target_modules`` names others).
   ``precompute_ref`` does not apply: the noise and timestep differ at every step, so the reference runs
   every step (one no-grad forward).
-* **Cache** (``diffusion.cache_latents: true``, default): VAE latents (posterior *mean* × scaling factor,
-  the same function the uncached path uses, so caching only adds float16 rounding) and text-encoder outputs,
+* **Cache** (``diffusion.cache_latents``: ``lazy``, the default, ``ahead`` or ``off``): VAE latents
+  (posterior *mean* × scaling factor, the same function the uncached path uses, so caching only adds float16 rounding) and text-encoder outputs,
   plus the empty caption's, are computed once per row and model into
   ``<dataset folder>/.mmpref_cache/latents-<hash>`` (see :mod:`mmpref.data.row_cache`): with ``lazy`` (the
   default) when a batch first draws the row, with ``ahead`` before step 1; from then on training never calls
@@ -36,9 +36,13 @@ Choices, all documented here because Diffusion-RPO has no public reference code:
   that Diffusion-DPO's objective is defined with.
 * **Diffusion-RPO**: one CLIP embedding per image (``rpo.embedding``: text | image | image+text, the
   normalised mean of the two normalised embeddings by default), from open_clip (``rpo.clip_model``, a
-  ``local-dir:`` folder or an architecture name with ``rpo.clip_weights``), computed once per dataset and
-  cached beside it; they go into ``Rows.embeddings`` as (B, 2, D), so chosen image i is weighted against
-  rejected image j by their own similarity.
+  ``local-dir:`` folder or an architecture name with ``rpo.clip_weights``), computed once per row when a
+  batch first draws it and cached beside the data (float16; a stream's are computed per batch); they go into
+  ``Rows.embeddings`` as (B, 2, D), so chosen image i is weighted against rejected image j by their own
+  similarity.
+* **Data** (:mod:`mmpref.data.images`): an index into the source's Arrow rows; images are checked when first
+  read, and a bad one stops the run or, with ``on_bad_rows: skip``, is recorded in ``output_dir/bad_rows.jsonl``
+  and replaced in its batch by the next usable row (:meth:`DiffusionTask._read`).
 * **Saving**: ``final/unet`` is a diffusers ``UNet2DConditionModel`` folder; with LoRA, ``final/`` holds
   ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(final)``.
 * **EMA** (``diffusion.ema_decay`` > 0): diffusers' ``EMAModel`` over the trained parameters (the adapters

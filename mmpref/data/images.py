@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import warnings
 from array import array
 from collections.abc import Sequence
@@ -434,7 +435,7 @@ def prepare_image_dataset(
     for column in ("jpg_0", "jpg_1"):  # datasets.Image: the stored bytes / path, not a decoded PIL image
         if isinstance(ds.features[column], datasets.Image) and ds.features[column].decode:
             ds = ds.cast_column(column, datasets.Image(decode=False))
-    rows, bad, ties = _cheap_checks(ds, has_scores, chosen_scores_higher)
+    rows, bad, ties = _remembered_checks(ds, src, has_scores, chosen_scores_higher)
     if bad and on_bad_rows == "error":
         raise bad_rows_error(name, bad, ds.num_rows)
     if bad:
@@ -446,6 +447,32 @@ def prepare_image_dataset(
         raise DataError(f"{name}: no usable pairs ({len(bad)} bad rows, {ties} ties)")
     return ImageRows(ds, rows, source=name, cache_dir=src.cache_dir, identity=src.identity, base=base,
                      confine_to=confine_to, has_scores=has_scores, bad=bad, ties=ties)  # fmt: skip
+
+
+CHECKS_VERSION = "mmpref-image-checks-1"  # in the key of remembered checks: a change to them makes new entries
+
+
+def _remembered_checks(ds: datasets.Dataset, src, has_scores: bool, chosen_scores_higher: bool) -> tuple[np.ndarray, list[BadRow], int]:
+    """:func:`_cheap_checks`, remembered in the data's cache folder under the rows' identity, so a rerun on
+    the same data opens it in constant time (reading 8 bytes a pair) instead of checking every caption again."""
+    key = json.dumps([CHECKS_VERSION, src.identity, has_scores, chosen_scores_higher, ds.num_rows])
+    path = src.cache_dir / f"image-rows-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    try:
+        with np.load(path) as saved:
+            bad = [BadRow(int(r), str(why)) for r, why in zip(saved["bad_rows"], saved["bad_reasons"])]
+            return saved["rows"].copy(), bad, int(saved["ties"])
+    except (OSError, KeyError, ValueError):  # not there yet, or unreadable: check again
+        pass
+    rows, bad, ties = _cheap_checks(ds, has_scores, chosen_scores_higher)
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, rows=rows, ties=np.int64(ties), bad_rows=np.array([b.row for b in bad], dtype=np.int64),
+                     bad_reasons=np.array([b.reason for b in bad], dtype=str))  # fmt: skip
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache folder only costs the checks next time
+        Path(tmp).unlink(missing_ok=True)
+    return rows, bad, ties
 
 
 def _cheap_checks(ds: datasets.Dataset, has_scores: bool, chosen_scores_higher: bool) -> tuple[np.ndarray, list[BadRow], int]:

@@ -282,9 +282,9 @@ class DiffusionTask(Task):
         return torch.Generator().manual_seed(row * CROP_ROW_STRIDE + self.cfg.seed)
 
     def _encode_latents(self, pixels: Tensor) -> Tensor:
-        """(n, 2, 3, R, R) pixel pairs -> (n, 2, C, h, w) latents."""
+        """(n, k, 3, R, R) images -> (n, k, C, h, w) latents."""
         lat = encode_images(self.vae, pixels.flatten(0, 1).to(self.accelerator.device)).float()
-        return lat.view(pixels.shape[0], 2, *lat.shape[1:])
+        return lat.view(*pixels.shape[:2], *lat.shape[1:])
 
     def _latent_folder(self, split: _ImageSplit) -> Path:
         dc = self.cfg.diffusion
@@ -294,15 +294,22 @@ class DiffusionTask(Task):
 
     def _encode_rows(self, pairs: list[ImagePair]) -> dict[str, Tensor]:
         """What the latent cache holds of decoded pairs: latents (both orientations with random flips), the
-        captions' text-encoder outputs and, for SDXL, the time ids."""
+        captions' text-encoder outputs and, for SDXL, the time ids.
+
+        One pair at a time, so a row's cached values depend on that row alone, not on which rows shared its
+        batch: lazy and ahead caches, and one or many processes, hold the same numbers bit for bit.
+        """
         dc = self.cfg.diffusion
         pp = [pair_pixels(p, dc.resolution, center_crop=dc.center_crop, generator=self._crop_generator(p.row))
               for p in pairs]  # fmt: skip
-        pixels = torch.stack([p.pixels for p in pp])
-        lat = [self._encode_latents(pixels)]
-        if dc.random_flip:
-            lat.append(self._encode_latents(pixels.flip(-1)))
-        out = {"latents": torch.stack(lat, dim=1), **self._encode_text([p.caption for p in pairs])}
+        parts = []
+        for p, pair in zip(pp, pairs):
+            pixels = p.pixels[None]  # (1, 2, 3, R, R)
+            if dc.random_flip:  # both orientations in one call: (1, 4, ...) -> (1, 2 orientations, 2, ...)
+                pixels = torch.cat([pixels, pixels.flip(-1)], dim=1)
+            lat = self._encode_latents(pixels)
+            parts.append({"latents": lat.view(1, -1, 2, *lat.shape[2:]), **self._encode_text([pair.caption])})
+        out = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         if self.is_sdxl:  # original (h, w), crop (top, left), and the left edge a flip reports
             out["time_ids"] = torch.tensor(
                 [[*p.original_size, *p.crop_top_left, p.mirrored_left] for p in pp], dtype=torch.int32

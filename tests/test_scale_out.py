@@ -108,12 +108,16 @@ def logged(out: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     return {m["step"]: m for m in lines if "loss" in m}, {m["step"]: m for m in lines if "eval/loss" in m}
 
 
-def assert_same_run(ddp: Path, single: Path, steps: int) -> None:
+def assert_same_run(ddp: Path, single: Path, steps: int, later_rel: float = 1e-4) -> None:
+    """Step 1's loss and gradient norm to float noise; later steps (which also check that earlier gradients
+    were the global ones) to ``later_rel``: Adam's first steps (≈ lr·sign(g)) amplify summation-order
+    differences of the near-zero gradient components."""
     ddp_train, ddp_eval = logged(ddp)
     single_train, single_eval = logged(single)
-    for step in range(1, steps + 1):  # later steps also check that earlier gradients were the global ones
-        assert ddp_train[step]["loss"] == pytest.approx(single_train[step]["loss"], rel=1e-4, abs=1e-6)
-        assert ddp_train[step]["grad_norm"] == pytest.approx(single_train[step]["grad_norm"], rel=1e-4)
+    for step in range(1, steps + 1):
+        rel = 1e-4 if step == 1 else later_rel
+        assert ddp_train[step]["loss"] == pytest.approx(single_train[step]["loss"], rel=rel, abs=1e-6), step
+        assert ddp_train[step]["grad_norm"] == pytest.approx(single_train[step]["grad_norm"], rel=rel), step
     for key in ("eval/loss", "eval/rewards/margins"):
         # before training: the eval set split over processes gives the same figures
         assert ddp_eval[0][key] == pytest.approx(single_eval[0][key], rel=1e-5, abs=1e-6)
@@ -186,6 +190,6 @@ def test_two_process_diffusion_dpo_matches_one_process(tmp_path):
     cfg.write_text("{}\n")
     launch_two_processes([str(cfg), *common, "batch_size=1", *runs["ddp"]])
     train(load_config(None, [*common, "batch_size=2", *runs["single"]]))
-    assert_same_run(tmp_path / "ddp", tmp_path / "single", steps=6)  # epoch 2 reads what epoch 1 cached
+    assert_same_run(tmp_path / "ddp", tmp_path / "single", steps=6, later_rel=2e-3)  # epoch 2 reads the cache
     chunks = list((tmp_path / "task-ddp" / ".mmpref_cache").glob("latents-*/chunk-*.safetensors"))
     assert len({c.name.split("-")[-1] for c in chunks}) >= 2  # both processes wrote chunks of their own

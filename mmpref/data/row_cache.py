@@ -39,6 +39,7 @@ from torch import Tensor
 
 EXTRA = "extra.safetensors"
 MAX_OPEN = 32  # chunk files held open at once (least recently used closed first)
+SCAN_INTERVAL = 1.0  # seconds between looks for other processes' chunks (a miss meanwhile is encoded here)
 
 
 def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -78,12 +79,15 @@ class RowCache:
         self._pending: dict[int, tuple[int, dict[str, Tensor]]] = {}  # row -> (stamp, tensors), not yet written
         self._writer = uuid.uuid4().hex[:12]
         self.extra: dict[str, Tensor] = {}
+        self._scanned = 0.0
         self._scan()
 
     # -- what is cached --------------------------------------------------------------------------
     def _scan(self) -> None:
         """Index the chunks not seen yet (in the order they were written: a later entry of a row wins).
-        A listing of the folder: called when a row is missing, so about once per batch of new rows."""
+        A listing of the folder: on a miss, at most once per :data:`SCAN_INTERVAL` (a row missed meanwhile is
+        encoded here: every process encodes a row to the same values, so that costs time, never exactness)."""
+        self._scanned = time.monotonic()
         new = sorted(p for p in os.listdir(self.folder) if p.startswith("chunk-") and p not in self._known)
         for name in new:
             path = self.folder / name
@@ -112,7 +116,7 @@ class RowCache:
         """The positions in ``rows`` not cached (with these stamps), after looking for other processes' chunks."""
         stamps = stamps or [0] * len(rows)
         out = [k for k, (r, s) in enumerate(zip(rows, stamps)) if not self.has(r, s)]
-        if out:
+        if out and time.monotonic() - self._scanned > SCAN_INTERVAL:
             self._scan()
             out = [k for k in out if not self.has(rows[k], stamps[k])]
         return out

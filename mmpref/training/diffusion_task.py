@@ -104,7 +104,7 @@ from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
 MIXED = {"fp16": torch.float16, "bf16": torch.bfloat16}
-CACHE_VERSION = 3  # 2: SDXL time ids hold the mirrored crop edge too; 3: per-row chunks, keyed by row number
+CACHE_VERSION = 4  # 2: SDXL time ids hold the mirrored crop edge too; 3: per-row chunks; 4: flips apart
 EVAL_SEED_STRIDE = 1_000_003
 CROP_ROW_STRIDE = 1_000_003  # seed offset between rows' cached random crops
 EVAL_DRAW_STRIDE = 2**40  # seed offset of each further evaluation draw of a row (beyond any row seed)
@@ -118,6 +118,7 @@ class _ImageSplit:
     def __init__(self, data: ImageRows, name: str):
         self.data, self.name = data, name
         self.latents: RowCache | None = None  # VAE latents + text-encoder outputs (diffusion.cache_latents)
+        self.flipped: RowCache | None = None  # the mirrored images' latents (random_flip), encoded when drawn
         self.clip: RowCache | None = None  # Diffusion-RPO's CLIP embeddings
         self.labels = None  # image rows are always pairs (the loop balances unpaired text rows by these)
 
@@ -125,7 +126,11 @@ class _ImageSplit:
         return len(self.data)
 
     def caches(self) -> list[RowCache]:
-        return [c for c in (self.latents, self.clip) if c is not None]
+        return [c for c in (self.latents, self.flipped, self.clip) if c is not None]
+
+    def needed(self, flip: bool) -> list[RowCache]:
+        """The caches a row drawn with (``flip``) or without a flip reads."""
+        return [c for c in (self.latents, self.flipped if flip else None, self.clip) if c is not None]
 
 
 class _StreamedSplit:
@@ -133,7 +138,7 @@ class _StreamedSplit:
 
     streamed = True
     labels = None
-    latents = clip = None  # nothing to cache under: a stream's rows have no fixed place
+    latents = flipped = clip = None  # nothing to cache under: a stream's rows have no fixed place
 
     def __init__(self, data: ImageStream, name: str):
         self.data, self.name = data, name
@@ -222,6 +227,8 @@ class DiffusionTask(Task):
         for split in self.splits():
             if dc.cache_latents != "off":
                 split.latents = RowCache(self._latent_folder(split), split.data.dataset.num_rows)
+                if dc.random_flip:
+                    split.flipped = RowCache(split.latents.folder / "flipped", split.data.dataset.num_rows)
             if self.embedder is not None:
                 key = json.dumps([self.embedder.identity, split.data.identity])
                 folder = split.data.cache_dir / f"clip-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
@@ -292,9 +299,10 @@ class DiffusionTask(Task):
                           None if dc.center_crop else self.cfg.seed, split.data.identity])  # fmt: skip
         return split.data.cache_dir / f"latents-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
-    def _encode_rows(self, pairs: list[ImagePair]) -> dict[str, Tensor]:
-        """What the latent cache holds of decoded pairs: latents (both orientations with random flips), the
-        captions' text-encoder outputs and, for SDXL, the time ids.
+    def _encode_rows(self, pairs: list[ImagePair], flipped: bool = False) -> dict[str, Tensor]:
+        """What the latent cache holds of decoded pairs: the latents, the captions' text-encoder outputs and,
+        for SDXL, the time ids; with ``flipped``, only the latents of the mirrored images (a cache of their own,
+        filled when a flip is first drawn, so the first epoch encodes what it trains on and no more).
 
         One pair at a time, so a row's cached values depend on that row alone, not on which rows shared its
         batch: lazy and ahead caches, and one or many processes, hold the same numbers bit for bit.
@@ -304,17 +312,21 @@ class DiffusionTask(Task):
               for p in pairs]  # fmt: skip
         parts = []
         for p, pair in zip(pp, pairs):
-            pixels = p.pixels[None]  # (1, 2, 3, R, R)
-            if dc.random_flip:  # both orientations in one call: (1, 4, ...) -> (1, 2 orientations, 2, ...)
-                pixels = torch.cat([pixels, pixels.flip(-1)], dim=1)
-            lat = self._encode_latents(pixels)
-            parts.append({"latents": lat.view(1, -1, 2, *lat.shape[2:]), **self._encode_text([pair.caption])})
+            pixels = p.pixels[None].flip(-1) if flipped else p.pixels[None]  # (1, 2, 3, R, R)
+            part = {"latents": self._encode_latents(pixels)}
+            parts.append(part if flipped else {**part, **self._encode_text([pair.caption])})
         out = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
-        if self.is_sdxl:  # original (h, w), crop (top, left), and the left edge a flip reports
+        if self.is_sdxl and not flipped:  # original (h, w), crop (top, left), and the left edge a flip reports
             out["time_ids"] = torch.tensor(
                 [[*p.original_size, *p.crop_top_left, p.mirrored_left] for p in pp], dtype=torch.int32
             )
         return out
+
+    def _draws(self, row: int, epoch: int) -> tuple[bool, bool]:
+        """A training pair's (prompt dropped, flipped), from its own seed (:func:`train_seed`)."""
+        dc = self.cfg.diffusion
+        u = torch.rand(2, generator=torch.Generator().manual_seed(train_seed(self.cfg.seed, epoch, row)))
+        return bool(u[0] < dc.prompt_dropout), bool(u[1] < 0.5) and dc.random_flip
 
     # -- reading rows: bad rows, caches ------------------------------------------------------------
     def _stream(self, source, options: dict) -> ImageStream:
@@ -330,25 +342,27 @@ class DiffusionTask(Task):
         """The indexed splits (a streamed training split has no rows to cache ahead)."""
         return [s for s in (self.train, self.eval) if s is not None and not s.streamed]
 
-    def _needs_images(self, split: _ImageSplit, i: int) -> bool:
-        """Whether position ``i`` must be read from its images: uncached, or a cache lacks it."""
+    def _needs_images(self, split: _ImageSplit, i: int, flip: bool) -> bool:
+        """Whether position ``i`` must be read from its images: uncached, or a cache it needs lacks it."""
         if self.cfg.diffusion.cache_latents == "off":
             return True
         row, stamp = split.data.row(i), split.data.image_stamps([i])[0]
-        return any(c.missing([row], [stamp]) for c in split.caches())
+        return any(c.missing([row], [stamp]) for c in split.needed(flip))
 
-    def _read(self, split: _ImageSplit, positions: Sequence[int], replace: bool = True) -> tuple[list[int], dict[int, ImagePair]]:
+    def _read(self, split: _ImageSplit, positions: Sequence[int], flip_of=lambda row: False,
+              replace: bool = True) -> tuple[list[int], dict[int, ImagePair]]:  # fmt: skip
         """The positions to use for ``positions`` and the decoded pairs of those the caches lack.
 
         An image found bad here stops the run (``on_bad_rows: error``, naming the row and the column) or is
         recorded in ``output_dir/bad_rows.jsonl`` and, with ``replace``, stood in for by the next usable row,
-        the same one in every run and process, so resumed and multi-process runs stay exact.
+        the same one in every run and process, so resumed and multi-process runs stay exact. ``flip_of(row)``:
+        whether the row is drawn flipped (it then needs the mirrored latents too).
         """
         used, loaded = [], {}
         for i in positions:
             for step in range(len(split)):
                 j = (i + step) % len(split)
-                if not self._needs_images(split, j):
+                if not self._needs_images(split, j, flip_of(split.data.row(j))):
                     used.append(j)
                     break
                 try:
@@ -374,8 +388,10 @@ class DiffusionTask(Task):
             with open(self._bad_rows_file, "a") as f:  # one short line per write: appends do not interleave
                 f.write(json.dumps({"split": split.name, "row": exc.row, "reason": exc.reason}) + "\n")
 
-    def _cached(self, split: _ImageSplit, used: list[int], loaded: dict[int, ImagePair]) -> dict[str, Tensor]:
-        """The cached tensors of these positions (latents, text, CLIP ``embeddings``), encoding the missing."""
+    def _cached(self, split: _ImageSplit, used: list[int], loaded: dict[int, ImagePair],
+                flip: Sequence[bool]) -> dict[str, Tensor]:  # fmt: skip
+        """The cached tensors of these positions (latents in each row's drawn orientation, text, CLIP
+        ``embeddings``), encoding what is missing."""
         rows = [split.data.row(i) for i in used]
         stamps = split.data.image_stamps(used)
         got: dict[str, Tensor] = {}
@@ -383,6 +399,14 @@ class DiffusionTask(Task):
             got.update({f"extra/{k}": v for k, v in split.latents.set_extra(self._empty_caption).items()})
             got.update(split.latents.fetch(rows, lambda todo: self._encode_rows([loaded[used[k]] for k in todo]),
                                            stamps))  # fmt: skip
+        flips = [k for k, f in enumerate(flip) if f]
+        if split.flipped is not None and flips:
+            mirrored = split.flipped.fetch(
+                [rows[k] for k in flips], lambda todo: self._encode_rows([loaded[used[flips[t]]] for t in todo], True),
+                [stamps[k] for k in flips],
+            )["latents"]  # fmt: skip
+            got["latents"] = got["latents"].clone()
+            got["latents"][flips] = mirrored
         if split.clip is not None:
             got.update(split.clip.fetch(rows, lambda todo: {"embeddings": self.embedder([loaded[used[k]] for k in todo])},
                                         stamps))  # fmt: skip
@@ -398,8 +422,10 @@ class DiffusionTask(Task):
                 continue
             starts = range(acc.process_index * size, len(split), size * acc.num_processes)
             for start in progress(starts, desc=f"cache {split.name}", unit="batch", accelerator=acc):
-                used, loaded = self._read(split, range(start, min(len(split), start + size)), replace=False)
-                self._cached(split, used, loaded)
+                both = self.cfg.diffusion.random_flip  # ahead: both orientations of every row
+                used, loaded = self._read(split, range(start, min(len(split), start + size)),
+                                          flip_of=lambda row, both=both: both, replace=False)  # fmt: skip
+                self._cached(split, used, loaded, [both] * len(used))
             for cache in split.caches():
                 cache.flush()
         acc.wait_for_everyone()
@@ -436,7 +462,8 @@ class DiffusionTask(Task):
             rows, captions = [p.row for p in indices], [p.caption for p in indices]
             scores = [p.scores for p in indices] if indices[0].scores is not None else None
         else:
-            used, loaded = self._read(split, indices)
+            flip_of = (lambda row: self._draws(row, epoch)[1]) if train else (lambda row: False)
+            used, loaded = self._read(split, indices, flip_of)
             rows, captions, scores = split.data.meta(used)
         batch: dict[str, Tensor] = {"row_index": torch.tensor(rows)}
         if scores is not None:  # odpo / rdpo: (chosen, rejected) scores of each pair
@@ -444,18 +471,14 @@ class DiffusionTask(Task):
         drop, flip = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
         if train:  # per-row seeds from the run's seed, the epoch and the row (module docstring)
             batch["train_seed"] = torch.tensor([train_seed(self.cfg.seed, epoch, r) for r in rows])
-            draws = torch.stack([torch.rand(2, generator=torch.Generator().manual_seed(int(s)))
-                                 for s in batch["train_seed"]])  # fmt: skip
-            drop = draws[:, 0] < dc.prompt_dropout
-            flip = (draws[:, 1] < 0.5) & dc.random_flip
-        got = self._cached(split, used, loaded) if split.caches() else {}
+            drop, flip = (torch.tensor(d) for d in zip(*[self._draws(r, epoch) for r in rows]))
+        got = self._cached(split, used, loaded, flip.tolist()) if split.caches() else {}
         if self.embedder is not None and split.clip is None:  # uncached (a stream): this batch's own
             got["embeddings"] = self.embedder([loaded[i] for i in used])
         if "embeddings" in got:
             batch["embeddings"] = got.pop("embeddings").float()
         if split.latents is not None:
-            lat = got["latents"].float()  # (b, F, 2, C, h, w)
-            batch["latents"] = lat[torch.arange(b), flip.long() if lat.shape[1] > 1 else 0]
+            batch["latents"] = got["latents"].float()  # (b, 2, C, h, w), each row in its drawn orientation
             for name in ("prompt_embeds", "pooled"):
                 if name in got:
                     value, empty = got[name].float(), got[f"extra/empty_{name}"].float()

@@ -252,3 +252,17 @@ def test_validate_data_lists_every_bad_row_and_cache_encodes_ahead_resumably(tin
 
     monkeypatch.setattr(AutoencoderKL, "encode", lambda *a, **k: pytest.fail("encoded again"))
     assert main(["cache", *args(tiny, data, tmp_path / "run", "on_bad_rows=skip")]) == 0  # all there: skipped
+
+
+def test_arrows_quick_checks_accept_exactly_what_the_row_by_row_checks_accept():
+    from mmpref.data.images import _cheap_checks, _row_problems
+
+    captions = ["ok", " ", "\u200b", "\u00a0", "a\u200bb", "🙂", "\u180e x", "", None, "\t\n", "\x1c", "e\u0301"]
+    rows = [{"caption": c, "jpg_0": b"x", "jpg_1": None if k == 3 else b"y", "label_0": label, "score_0": s0,
+             "score_1": 1.0}
+            for k, c in enumerate(captions) for label in (1.0, 0.0, 0.5, 2.0, None) for s0 in (0.0, 2.0, float("nan"))]  # fmt: skip
+    usable, bad, ties = _cheap_checks(datasets.Dataset.from_list(rows), True, True)
+    by_row = [_row_problems(r, [r["jpg_0"] is not None, r["jpg_1"] is not None], True, True) for r in rows]
+    assert [b.row for b in bad] == [i for i, p in enumerate(by_row) if p]
+    assert usable.tolist() == [i for i, p in enumerate(by_row) if not p and rows[i]["label_0"] != 0.5]
+    assert ties == sum(1 for i, p in enumerate(by_row) if not p and rows[i]["label_0"] == 0.5)

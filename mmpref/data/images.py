@@ -449,7 +449,7 @@ def prepare_image_dataset(
                      confine_to=confine_to, has_scores=has_scores, bad=bad, ties=ties)  # fmt: skip
 
 
-CHECKS_VERSION = "mmpref-image-checks-1"  # in the key of remembered checks: a change to them makes new entries
+CHECKS_VERSION = "mmpref-image-checks-2"  # in the key of remembered checks: a change to them makes new entries
 
 
 def _remembered_checks(ds: datasets.Dataset, src, has_scores: bool, chosen_scores_higher: bool) -> tuple[np.ndarray, list[BadRow], int]:
@@ -477,33 +477,78 @@ def _remembered_checks(ds: datasets.Dataset, src, has_scores: bool, chosen_score
 
 def _cheap_checks(ds: datasets.Dataset, has_scores: bool, chosen_scores_higher: bool) -> tuple[np.ndarray, list[BadRow], int]:
     """(usable source rows, bad rows, ties) from every column but the image bytes: the images' null cells
-    come from Arrow's validity bitmaps, so no image is read."""
-    meta = ["caption", "label_0", *(IMAGE_SCORE_COLUMNS if has_scores else ())]
-    images = ds.select_columns(["jpg_0", "jpg_1"]).with_format("arrow")
+    come from Arrow's validity bitmaps, so no image is read. Arrow's compute functions accept the rows that
+    are plainly fine (:func:`_plainly_fine`), a whole batch at a time; only the others are looked at one by
+    one in Python, for their exact reasons."""
+    columns = ["caption", "label_0", "jpg_0", "jpg_1", *(IMAGE_SCORE_COLUMNS if has_scores else ())]
     usable, bad, ties, start = array("q"), [], 0, 0
-    for batch, arrow in zip(ds.select_columns(meta).iter(batch_size=ROWS_PER_BATCH),
-                            images.iter(batch_size=ROWS_PER_BATCH)):  # fmt: skip
-        nulls = [arrow.column(c).is_null().to_pylist() for c in ("jpg_0", "jpg_1")]
-        for k, (caption, label) in enumerate(zip(batch["caption"], batch["label_0"])):
-            reasons = _caption_label_problems(caption, label)
-            reasons += [f"{c!r} missing" for c, null in zip(("jpg_0", "jpg_1"), nulls) if null[k]]
-            if has_scores:
-                raw = [batch[c][k] for c in IMAGE_SCORE_COLUMNS]
-                found = [r for c, v in zip(IMAGE_SCORE_COLUMNS, raw) if (r := score_problem(c, v))]
-                reasons += found
-                if not found and chosen_scores_higher and label in (0, 1):
-                    w, l = (raw[0], raw[1]) if label == 1 else (raw[1], raw[0])
-                    if not w > l:
-                        reasons.append(f"the preferred image's score ({float(w)}) must exceed the other's "
-                                       f"({float(l)}): ODPO's offset log(s_w − s_l) is undefined otherwise")  # fmt: skip
-            if reasons:
-                bad.append(BadRow(start + k, "; ".join(reasons)))
-            elif label == 0.5:
+    for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=ROWS_PER_BATCH * 10):
+        fine = _plainly_fine(batch, has_scores, chosen_scores_higher)
+        labels = batch.column("label_0").to_numpy(zero_copy_only=False)
+        for k in np.flatnonzero(fine):
+            if labels[k] == 0.5:
                 ties += 1
             else:
-                usable.append(start + k)
-        start += len(batch["caption"])
-    return np.frombuffer(usable, dtype=np.int64).copy(), bad, ties
+                usable.append(start + int(k))
+        for k in np.flatnonzero(~fine):
+            row = {c: batch.column(c)[int(k)].as_py() for c in columns if c not in ("jpg_0", "jpg_1")}
+            reasons = _row_problems(row, [batch.column(c)[int(k)].is_valid for c in ("jpg_0", "jpg_1")],
+                                    has_scores, chosen_scores_higher)  # fmt: skip
+            if reasons:
+                bad.append(BadRow(start + int(k), "; ".join(reasons)))
+            elif row["label_0"] == 0.5:
+                ties += 1
+            else:
+                usable.append(start + int(k))
+        start += batch.num_rows
+    return np.sort(np.frombuffer(usable, dtype=np.int64)), bad, ties
+
+
+# INVISIBLE of mmpref.data.text in RE2's syntax, for Arrow's regular expressions
+INVISIBLE_RE2 = ("[\\x{00}-\\x{08}\\x{0b}\\x{0c}\\x{0e}-\\x{1f}\\x{7f}-\\x{9f}\\x{ad}\\x{180e}\\x{200b}-\\x{200f}"
+                 "\\x{202a}-\\x{202e}\\x{2060}-\\x{2064}\\x{2066}-\\x{206f}\\x{feff}]")
+
+
+def _plainly_fine(batch, has_scores: bool, chosen_scores_higher: bool) -> np.ndarray:
+    """Per row of an Arrow batch: a caption with something visible, ``label_0`` in {0, 0.5, 1}, both images
+    present, finite scores (the preferred one higher, for ODPO). False means "look closer", not "bad"."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    caption, label = batch.column("caption"), batch.column("label_0")
+    if not (pa.types.is_string(caption.type) or pa.types.is_large_string(caption.type)):
+        return np.zeros(batch.num_rows, dtype=bool)
+    if not (pa.types.is_floating(label.type) or pa.types.is_integer(label.type)):
+        return np.zeros(batch.num_rows, dtype=bool)
+    visible = pc.utf8_length(pc.utf8_trim_whitespace(pc.replace_substring_regex(caption, INVISIBLE_RE2, "")))
+    fine = pc.and_(pc.greater(visible, 0), pc.is_in(pc.cast(label, pa.float64()), value_set=pa.array([0.0, 0.5, 1.0])))
+    for column in ("jpg_0", "jpg_1"):
+        fine = pc.and_(fine, pc.is_valid(batch.column(column)))
+    if has_scores:
+        s0, s1 = (pc.cast(batch.column(c), pa.float64()) for c in IMAGE_SCORE_COLUMNS)
+        fine = pc.and_(fine, pc.and_(pc.is_finite(s0), pc.is_finite(s1)))
+        if chosen_scores_higher:
+            one = pc.equal(pc.cast(label, pa.float64()), 1.0)
+            higher = pc.if_else(one, pc.greater(s0, s1), pc.greater(s1, s0))
+            fine = pc.and_(fine, pc.or_(higher, pc.equal(pc.cast(label, pa.float64()), 0.5)))
+    return pc.fill_null(fine, False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _row_problems(row: dict, images_present: list[bool], has_scores: bool, chosen_scores_higher: bool) -> list[str]:
+    """Every problem of one row that reading no image can find (a row :func:`_plainly_fine` did not accept)."""
+    label = row["label_0"]
+    reasons = _caption_label_problems(row["caption"], label)
+    reasons += [f"{c!r} missing" for c, present in zip(("jpg_0", "jpg_1"), images_present) if not present]
+    if has_scores:
+        raw = [row[c] for c in IMAGE_SCORE_COLUMNS]
+        found = [r for c, v in zip(IMAGE_SCORE_COLUMNS, raw) if (r := score_problem(c, v))]
+        reasons += found
+        if not found and chosen_scores_higher and label in (0, 1):
+            w, l = (raw[0], raw[1]) if label == 1 else (raw[1], raw[0])
+            if not w > l:
+                reasons.append(f"the preferred image's score ({float(w)}) must exceed the other's "
+                               f"({float(l)}): ODPO's offset log(s_w − s_l) is undefined otherwise")  # fmt: skip
+    return reasons
 
 
 class ImageStream(torch.utils.data.IterableDataset):

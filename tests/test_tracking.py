@@ -106,9 +106,9 @@ def test_sample_grids_go_to_every_tracker_that_takes_images(tiny, tmp_path, wand
     assert sorted(run / "files" / f for r in logged for f in r["samples/filenames"]) == images
     grids = tensorboard_events(out).Images("samples")
     assert [g.step for g in grids] == [0, 2] and grids[0].width > 64
-    # the cache and embedding phases showed their bars
+    # the phases showed their bars (latents and CLIP embeddings are cached lazily, inside the steps)
     err = capsys.readouterr().err
-    for desc in ("latent cache train", "latent cache eval", "CLIP captions", "CLIP images", "train:"):
+    for desc in ("train:",):
         assert desc in err, desc
 
 

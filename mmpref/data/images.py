@@ -177,7 +177,8 @@ class ImageRows:
         """
         row = int(self.rows[i])
         rec = self._images[row]
-        problems, images = _read_images(rec["jpg_0"], rec["jpg_1"], self.base, self.confine_to)
+        problems: list[str] = []
+        _, _, images = _read_images(rec["jpg_0"], rec["jpg_1"], self.base, self.confine_to, problems)
         if problems:
             raise BadImageRow(self.source, row, "; ".join(problems))
         order = (0, 1) if rec["label_0"] == 1 else (1, 0)
@@ -303,10 +304,6 @@ def _decode(data: bytes) -> tuple[Image.Image | None, str | None]:
         return None, f"does not decode as an image ({type(exc).__name__}: {exc})"
 
 
-def _decode_problem(data: bytes) -> str | None:
-    return _decode(data)[1]
-
-
 def _caption_label_problems(caption: Any, label: Any) -> list[str]:
     """What is wrong with a row's caption and label (the checks that read no image)."""
     reasons = []
@@ -338,29 +335,15 @@ def image_row_problems(
     decoded here, so a corrupt file is a bad row before training, not a crash at step N.
     """
     reasons = _caption_label_problems(caption, label)
-    refs, blobs = [], []
-    for name, value in (("jpg_0", jpg_0), ("jpg_1", jpg_1)):
-        data = None
-        ref, problem = _resolve(value, base, confine_to)
-        if problem is None:
-            try:
-                data = read_image_bytes(ref)
-            except OSError as exc:
-                data, problem = None, f"unreadable ({exc})"
-            if data is not None:
-                problem = _decode_problem(data) if data else "is an empty file"
-        if problem:
-            reasons.append(f"{name!r} {problem}")
-        refs.append(ref)
-        blobs.append(data if problem is None else None)
-    if not reasons and blobs[0] == blobs[1]:
-        reasons.append("'jpg_0' and 'jpg_1' are the same image")
+    refs, blobs, _ = _read_images(jpg_0, jpg_1, base, confine_to, reasons)
     return reasons, refs, blobs
 
 
-def _read_images(jpg_0: Any, jpg_1: Any, base: Path, confine_to: Path | None) -> tuple[list[str], list[Image.Image]]:
-    """(problems, decoded images) of one row's two image cells; each image is read and decoded once."""
-    problems, images, blobs = [], [], []
+def _read_images(jpg_0: Any, jpg_1: Any, base: Path, confine_to: Path | None,
+                 reasons: list[str]) -> tuple[list[ImageRef | None], list[bytes | None], list[Image.Image | None]]:  # fmt: skip
+    """(references, bytes, decoded RGB images) of one row's two image cells, each read and decoded once; their
+    problems are appended to ``reasons``, and two identical images are one more when ``reasons`` has none."""
+    refs, blobs, images = [], [], []
     for name, value in (("jpg_0", jpg_0), ("jpg_1", jpg_1)):
         ref, problem = _resolve(value, base, confine_to)
         data = image = None
@@ -372,12 +355,13 @@ def _read_images(jpg_0: Any, jpg_1: Any, base: Path, confine_to: Path | None) ->
         if problem is None:
             image, problem = _decode(data) if data else (None, "is an empty file")
         if problem:
-            problems.append(f"{name!r} {problem}")
+            reasons.append(f"{name!r} {problem}")
+        refs.append(ref)
+        blobs.append(data if problem is None else None)
         images.append(image)
-        blobs.append(data)
-    if not problems and blobs[0] == blobs[1]:
-        problems.append("'jpg_0' and 'jpg_1' are the same image")
-    return problems, images
+    if not reasons and blobs[0] == blobs[1]:
+        reasons.append("'jpg_0' and 'jpg_1' are the same image")
+    return refs, blobs, images
 
 
 def prepare_image_dataset(
@@ -600,7 +584,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                 continue  # a tie: no preference to learn
             images = []
             if not reasons:
-                reasons, images = _read_images(rec["jpg_0"], rec["jpg_1"], self.base, self.confine_to)
+                _, _, images = _read_images(rec["jpg_0"], rec["jpg_1"], self.base, self.confine_to, reasons)
             if reasons:
                 exc = BadImageRow(self.source, row, f"caption {str(rec.get('caption'))[:60]!r}: " + "; ".join(reasons))
                 if self.on_bad_rows == "error":

@@ -13,8 +13,9 @@ paired rows of one of two shapes, tokenized by the tiny byte-level tokenizer of
 
 Stages, each in its own process, in this order:
 
-* ``data``: ``TextTask`` built in one process (load, validate, tokenize, index, plus the tiny model of a
-  few MiB and its frozen reference copy), with a cold token cache;
+* ``data``: ``TextTask`` built in one process (``mmpref.training.build.build_task``: the plan, then load,
+  validate, tokenize, index, plus the tiny model of a few MiB and its frozen reference copy), with a cold
+  token cache;
 * ``data-warm``: the same once more: the token ids are read back from the token cache (what a run
   resumed after a kill pays);
 * ``ref``: ``TextTask`` with ``precompute_ref: true``: the reference pass over every row on top;
@@ -182,20 +183,21 @@ def token_bytes(task) -> int:
     return len(ids) * ids.itemsize
 
 
-def watch_reference_pass(task_class) -> dict:
-    """Wrap the reference pass so that its own anonymous memory is measured: the peak over the RSS at its
-    start (activations of a batch: flat in the rows) and what it keeps (the log-probs: 8 bytes a row)."""
-    figures, original = {}, task_class._precompute
+def watch_reference_pass(text_task) -> dict:
+    """Wrap the reference pass (``text_task.reference_logps``, which ``TextTask.make_reference`` calls for each
+    split) so that its own anonymous memory is measured: the peak over the RSS at its start (activations of a
+    batch: flat in the rows) and what it keeps (the log-probs: 8 bytes a row)."""
+    figures, original = {}, text_task.reference_logps
 
-    def measured(self, split):
+    def measured(model, split, **kwargs):
         start, anon = status_kib("RssAnon") / 1024, AnonPeak()
         begun = time.perf_counter()
-        out = original(self, split)
+        out = original(model, split, **kwargs)
         figures.update(ref_seconds=round(time.perf_counter() - begun, 1), ref_anon_peak_mib=anon.stop() - start,
                        ref_anon_held_mib=status_kib("RssAnon") / 1024 - start)  # fmt: skip
         return out
 
-    task_class._precompute = measured
+    text_task.reference_logps = measured
     return figures
 
 
@@ -204,8 +206,8 @@ def child(stage: str, shape: str, model: Path, data: Path, out: Path, steps: int
     import torch
     from accelerate import Accelerator
 
-    from mmpref.training import load_config, train
-    from mmpref.training.text_task import TextTask
+    from mmpref.training import load_config, text_task, train
+    from mmpref.training.build import build_task
 
     torch.set_num_threads(1)
     cfg = load_config(None, overrides(shape, model, data, out, steps, precompute=stage == "ref"))
@@ -213,11 +215,11 @@ def child(stage: str, shape: str, model: Path, data: Path, out: Path, steps: int
         import transformers  # noqa: F401  (imported before the baseline, as training has it)
 
         accelerator = Accelerator(cpu=True)
-        ref_pass = watch_reference_pass(TextTask) if stage == "ref" else {}
+        ref_pass = watch_reference_pass(text_task) if stage == "ref" else {}
         before, anon_before = current_rss_mib(), status_kib("RssAnon") / 1024
         anon = AnonPeak()
         start = time.perf_counter()
-        task = TextTask(cfg, accelerator)
+        task = build_task(cfg, accelerator)  # a TextTask
         seconds = time.perf_counter() - start
         anon_peak = anon.stop()
         rows = len(task.train)

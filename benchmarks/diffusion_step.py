@@ -10,9 +10,10 @@ ratio from tiny configs does not count, docs/design.md §15).
 
 Contenders (all train the one LoRA UNet, each with its own AdamW over the adapters):
 
-1. ``mmpref``: mmpref's own objects: ``DiffusionTask`` (its constructor builds the latent and text
-   embedding cache, ``cache_latents: ahead``, untimed), ``task.collate_train``, ``task.rows`` (one policy forward over [w; l], one
-   reference forward with the adapters disabled), ``preference_loss``, backward, gradient clipping,
+1. ``mmpref``: mmpref's own objects: ``DiffusionTask`` (``build_task`` runs its stages, which build the latent
+   and text embedding cache, ``cache_latents: ahead``, untimed), ``task.collate_train``, ``task.rows`` (one policy
+   forward over [w; l], one reference forward with the adapters off, ``task.reference``), the run's
+   ``Objective``, backward, gradient clipping,
    AdamW, LR scheduler: the body of ``mmpref.training.loop.train`` (see :func:`mmpref_runner`).
 2. ``diffusers-example``: a re-creation of the step of diffusers'
    ``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py``: VAE encode of both images
@@ -140,7 +141,7 @@ def make_task(model_dir: Path, data_file: Path, out_dir: Path, resolution: int, 
     from accelerate import Accelerator
 
     from mmpref.training import load_config
-    from mmpref.training.loop import build_task
+    from mmpref.training.build import build_task
 
     overrides = [f"model={model_dir}", f"dataset={data_file}", f"output_dir={out_dir}", "report_to=none",
                  f"diffusion.resolution={resolution}", f"loss.beta={BETA}", "batch_size=1", "eval_batch_size=1",
@@ -159,9 +160,10 @@ def mmpref_runner(cfg, accelerator, task) -> Runner:
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
+    from mmpref.losses import Objective
     from mmpref.training.loop import build_optimizer
-    from mmpref.training.objective import preference_loss
 
+    objective = Objective.from_config(cfg.loss, cfg.rpo)  # built once, as the run's plan does
     model = task.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
@@ -183,7 +185,7 @@ def mmpref_runner(cfg, accelerator, task) -> Runner:
         batch = next(it)
         with accelerator.autocast():
             rows = task.rows(model, batch)
-            out = preference_loss(cfg.loss, cfg.rpo, rows)
+            out = objective(rows)
         if not torch.isfinite(out.loss):
             raise FloatingPointError("non-finite loss")
         accelerator.backward(out.loss)
@@ -204,7 +206,7 @@ def example_runner(model_dir: Path, unet, task, resolution: int) -> Runner:
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from mmpref.data.images import pair_pixels
+    from mmpref.data.image_inputs import pair_pixels
 
     dev = device()
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").requires_grad_(False).to(dev)
@@ -264,12 +266,14 @@ def example_runner(model_dir: Path, unet, task, resolution: int) -> Runner:
 
 def floor_runner(unet, task) -> Runner:
     """Policy forward/backward over [w; l] and the reference forward, on fixed cached tensors."""
-    from mmpref.adapters.diffusion import adapters_disabled, diffusion_logratios
+    from functools import partial
+
+    from mmpref.adapters.diffusion import diffusion_logratios
 
     batch = task.collate_train([0])
     latents = batch["latents"].to(device())
     ehs = batch["prompt_embeds"].to(device())
-    reference = adapters_disabled(unet)
+    reference = partial(task.reference.predict, unet)  # LoRA: the UNet with its adapters off, as the task calls it
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
 
@@ -288,19 +292,22 @@ def floor_runner(unet, task) -> Runner:
 
 def peak_memory_child(model_dir: str, latent_size: int, reference_kind: str, steps: int) -> None:
     """One LoRA training step (``steps`` of them) with the given reference; prints peak memory as JSON."""
+    from functools import partial
+
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
-    from mmpref.adapters.diffusion import adapters_disabled, diffusion_logratios, frozen_reference
+    from mmpref.adapters.diffusion import diffusion_logratios
+    from mmpref.training.reference import AdaptersOff, FrozenCopy
 
     dev = device()
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").to(dev)
     scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-    ref = frozen_reference(unet) if reference_kind == "copy" else None
+    ref = FrozenCopy(unet) if reference_kind == "copy" else AdaptersOff()  # a copy: before the adapters
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                                 target_modules=LORA_TARGETS))  # fmt: skip
-    reference = adapters_disabled(unet) if ref is None else ref
+    reference = partial(ref.predict, unet)  # as DiffusionTask.rows calls its reference
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
     g = torch.Generator().manual_seed(0)

@@ -33,7 +33,7 @@ sampled every 20 ms by a thread of the process from its start to the end of step
 the page cache of memory-mapped files) and the wall time from the process's launch to the end of step 1.
 Fitted over the sizes (least squares): the memory slope in KiB per pair and its extrapolation to 959,000
 pairs. Before the contenders of a size run, each library makes its one-time copy of the Parquet file (mmpref:
-``mmpref.data.text.open_rows``; datasets: ``load_dataset``), in a process of its own, timed and reported
+``mmpref.data.sources.open_rows``; datasets: ``load_dataset``), in a process of its own, timed and reported
 apart, so "time to step 1" is that of a rerun on the prepared data. Every other cache (mmpref's latents, the
 run folder) is removed before each contender, so every run encodes from scratch. At the smallest size (or
 ``--speed-pairs``) each contender also trains 2 epochs; the steps/s of epoch 2, from ``on_step_end`` time
@@ -480,7 +480,7 @@ def child_copy(spec: dict[str, Any], sampler: RssAnonSampler) -> dict[str, Any]:
     """One library's one-time copy of the Parquet file (the Arrow copy later runs read)."""
     start = time.perf_counter()
     if spec["kind"] == "copy-mmpref":
-        from mmpref.data.text import open_rows
+        from mmpref.data.sources import open_rows
 
         rows = open_rows(spec["data"]).dataset.num_rows
     else:

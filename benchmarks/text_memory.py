@@ -24,7 +24,7 @@ Shape sets:
   2 layers, prompts of 256–512 tokens, chosen and rejected answers of 512–1,024 tokens each, batch 2.
   The word-level tokenizer has 151,936 entries too, so the token ids span the whole vocabulary.
 
-The mmpref side goes through mmpref's own objects (``TextTask``, ``task.rows``, ``preference_loss``,
+The mmpref side goes through mmpref's own objects (``TextTask``, ``task.rows``, ``Objective``,
 ``build_optimizer``) exactly as ``text_step.py`` does, so a change to how mmpref computes log-probs (a
 chunked LM head) shows up here. Run from the repository root:
 

@@ -10,7 +10,7 @@ Contenders (each starts from the same saved weights and sees the same rows in th
 a round restarts every contender at the first batch):
 
 1. ``mmpref-dpo``: mmpref's own objects: ``TextTask`` (tokenization, shared-prompt collate,
-   precomputed reference), ``Rows`` / ``preference_loss`` with loss type sigmoid; the step is
+   precomputed reference), ``LogRatios`` / ``Objective`` with loss type sigmoid; the step is
    the body of ``mmpref.training.loop.train`` with ``precompute_ref: true`` (see ``_mmpref_step``).
 2. ``mmpref-rpo``: the same with ``loss.type=rpo``, ``rpo.mode=paired``; prompt embeddings are
    random unit vectors of width 384 (what all-MiniLM-L6-v2 gives) set on the task's split.
@@ -175,9 +175,9 @@ def mmpref_runner(model_dir: Path, data_file: Path, out_dir: Path, shapes: Shape
                   seed: int) -> tuple[Runner, list]:  # fmt: skip
     """mmpref's training step as ``mmpref train`` runs it (``mmpref.training.loop.train``, precompute_ref).
 
-    Driven through mmpref's own objects: ``TextTask`` (its constructor tokenizes and precomputes
-    the reference log-probs, untimed), ``task.collate_train`` through an Accelerate data loader,
-    ``task.rows``, ``preference_loss``. What the loop does per step besides (NaN check, metric
+    Driven through mmpref's own objects: ``TextTask`` (``build_task`` runs its stages: it tokenizes and
+    precomputes the reference log-probs, untimed), ``task.collate_train`` through an Accelerate data loader,
+    ``task.rows``, the run's ``Objective``. What the loop does per step besides (NaN check, metric
     sums, token count, clipping, AdamW, scheduler, zero_grad) is copied from its body below,
     minus the logging / eval / checkpoint branches, which are off in this configuration.
     """
@@ -185,9 +185,10 @@ def mmpref_runner(model_dir: Path, data_file: Path, out_dir: Path, shapes: Shape
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
+    from mmpref.losses import Objective
+    from mmpref.training.build import build_task
     from mmpref.training.config import LossConfig, RPOConfig, TrainConfig
-    from mmpref.training.loop import build_optimizer, build_task
-    from mmpref.training.objective import preference_loss
+    from mmpref.training.loop import build_optimizer
 
     # The task is built with the sigmoid loss: with loss.type=rpo it would embed the prompts with
     # the sentence embedder; here random unit vectors stand in (only their shape matters for time).
@@ -205,6 +206,7 @@ def mmpref_runner(model_dir: Path, data_file: Path, out_dir: Path, shapes: Shape
             torch.randn(len(task.train), EMBEDDING_WIDTH, generator=gen), dim=-1
         )
         loss_cfg, rpo_cfg = LossConfig(type="rpo", beta=BETA), RPOConfig(mode="paired", base_loss="sigmoid")
+    objective = Objective.from_config(loss_cfg, rpo_cfg)  # built once, as the run's plan does
 
     model = task.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -221,7 +223,7 @@ def mmpref_runner(model_dir: Path, data_file: Path, out_dir: Path, shapes: Shape
     def step(batch: dict[str, Tensor]) -> None:  # the loop body, gradient_accumulation_steps = 1
         with accelerator.autocast():
             rows = task.rows(model, batch)
-            out = preference_loss(loss_cfg, rpo_cfg, rows)
+            out = objective(rows)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"non-finite loss {out.loss.item()}")
         accelerator.backward(out.loss)

@@ -103,11 +103,10 @@ def file_sha256(path: Path | str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     digest = h.hexdigest()
+    from mmpref.files import atomic_write_text  # here: importing mmpref.hub stays free of torch
+
     try:  # a read-only cache folder only costs the re-read next time
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".tmp_{os.getpid()}_{memo.name}")
-        tmp.write_text(digest)
-        os.replace(tmp, memo)
+        atomic_write_text(memo, digest)
     except OSError:
         pass
     return digest

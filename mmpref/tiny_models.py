@@ -280,12 +280,12 @@ def _calibrated_scale(vae: AutoencoderKL, n: int = 8, size: int = 64) -> float:
 
     import numpy as np
 
-    from mmpref.data.image_task import _scene, draw_scene
+    from mmpref.data.image_task import draw_scene, random_scene
 
     rng = random.Random(0)
     images = []
     for k in range(n):
-        _, scene = _scene(rng, size)
+        _, scene = random_scene(rng, size)
         images.append(np.asarray(draw_scene(scene, size, styled=k % 2 == 1, rng=rng), dtype=np.float32))
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
     with torch.no_grad():
@@ -462,7 +462,8 @@ def pretrain_tiny_sd15(
         encode_prompt_sd15,
         tokenize_captions,
     )
-    from mmpref.data.images import pair_pixels, prepare_image_dataset
+    from mmpref.data.image_inputs import pair_pixels
+    from mmpref.data.images import prepare_image_dataset
     from mmpref.progress import progress
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -18,7 +18,8 @@ from PIL import Image
 
 from mmpref.data import DataError, load_rows, prepare_text_dataset
 from mmpref.data.images import prepare_image_dataset
-from mmpref.data.text import config_sources, extract_prompt
+from mmpref.data.splits import config_sources
+from mmpref.data.text_formats import extract_prompt
 from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import load_config, train
 from tests.hub_cache import use_hub_cache, write_hub_repo
@@ -398,7 +399,7 @@ def test_in_memory_dataset_and_list_of_dicts_are_validated(tmp_path):
 def test_eval_split_names_a_split(tmp_path):
     from accelerate import Accelerator
 
-    from mmpref.training.text_task import TextTask
+    from mmpref.training.build import build_task
 
     data = tmp_path / "splits"
     write_jsonl(data / "train.jsonl", ROWS)
@@ -409,7 +410,7 @@ def test_eval_split_names_a_split(tmp_path):
     (train_data, _), evaluation = config_sources(cfg)
     assert train_data == str(data) and evaluation == (str(data), {"config_name": "default", "split": "test",
                                                                    "revision": None})  # fmt: skip
-    task = TextTask(cfg, Accelerator(cpu=True))
+    task = build_task(cfg, Accelerator(cpu=True))
     assert (len(task.train), len(task.eval)) == (len(ROWS), len(TEST_ROWS))
     other = write_jsonl(tmp_path / "other" / "eval.jsonl", TEST_ROWS[:1])
     cfg = load_config(None, [*base, f"eval_dataset={other}", "eval_split=0.5", "dataset_config=default"])
@@ -418,7 +419,7 @@ def test_eval_split_names_a_split(tmp_path):
     rows = datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(TEST_ROWS)}
     )
-    task = TextTask(load_config(None, [*base, "eval_split=test"]), Accelerator(cpu=True), train_dataset=rows)
+    task = build_task(load_config(None, [*base, "eval_split=test"]), Accelerator(cpu=True), {"train_dataset": rows})
     assert (len(task.train), len(task.eval)) == (len(ROWS), len(TEST_ROWS))  # in memory, the same splits
 
 

@@ -22,7 +22,9 @@ from mmpref.data import (
     prompt_text,
     validate_rows,
 )
-from mmpref.data import text as text_mod
+from mmpref.data import embeddings as embeddings_mod
+from mmpref.data import sources as sources_mod
+from mmpref.data import splits as splits_mod
 
 REPO = Path(__file__).resolve().parent.parent
 PAIRED = [
@@ -190,7 +192,7 @@ def test_prepare_skip_drops_exactly_the_bad_rows(tmp_path, caplog):
     rows[1]["chosen"] = rows[1]["rejected"]
     rows[4]["rejected"] = None
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="mmpref.data.text"):
+    with caplog.at_level(logging.WARNING, logger="mmpref.data.validation"):
         result = prepare_text_dataset(path, on_bad_rows="skip")
     assert result.skipped == 2 and result.source == path
     assert result.dataset["prompt"][:] == ["p0", "p2", "p3", "p5"]
@@ -216,7 +218,7 @@ def test_prompt_embeddings_semantics_norm_dedup_and_cache(tmp_path, monkeypatch)
         "How long should I knead bread dough before baking it?",
     ]
     calls = []
-    real_loader = text_mod._load_embedder
+    real_loader = embeddings_mod._load_embedder
 
     def counting_loader(*args):
         model = real_loader(*args)
@@ -224,7 +226,7 @@ def test_prompt_embeddings_semantics_norm_dedup_and_cache(tmp_path, monkeypatch)
         model.encode = lambda texts, **kw: calls.append(list(texts)) or real_encode(texts, **kw)
         return model
 
-    monkeypatch.setattr(text_mod, "_load_embedder", counting_loader)
+    monkeypatch.setattr(embeddings_mod, "_load_embedder", counting_loader)
     emb = prompt_embeddings(prompts, cache_dir=tmp_path / "cache")
     assert emb.shape == (4, 384) and emb.dtype == torch.float32
     assert torch.allclose(emb.norm(dim=1), torch.ones(4), atol=1e-5)
@@ -233,12 +235,12 @@ def test_prompt_embeddings_semantics_norm_dedup_and_cache(tmp_path, monkeypatch)
     assert torch.equal(emb[0], emb[3])
     assert calls == [prompts[:3]]  # the repeated prompt was encoded once
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
-    assert not list((tmp_path / "cache").glob(".tmp_*"))
+    assert not list((tmp_path / "cache").glob(".tmp*"))
 
     def forbidden(*args):
         raise AssertionError("the cache should have answered")
 
-    monkeypatch.setattr(text_mod, "_load_embedder", forbidden)
+    monkeypatch.setattr(embeddings_mod, "_load_embedder", forbidden)
     assert torch.equal(prompt_embeddings(prompts, cache_dir=tmp_path / "cache"), emb)
     with pytest.raises(AssertionError, match="cache should have answered"):  # new texts, new key
         prompt_embeddings(prompts[:2], cache_dir=tmp_path / "cache")
@@ -277,7 +279,7 @@ def test_bundled_eval_prompts_are_new():
 
 
 def test_columns_and_types_settle_over_every_batch(tmp_path, monkeypatch):
-    monkeypatch.setattr(text_mod, "ROWS_PER_BATCH", 2)  # so each case below spans batches
+    monkeypatch.setattr(splits_mod, "ROWS_PER_BATCH", 2)  # so each case below spans batches
     rows = [
         {"prompt": "p0", "chosen": "a", "rejected": "b", "score_chosen": None, "score_rejected": 1},
         {"prompt": "p1", "chosen": "a", "rejected": "b", "score_chosen": None, "score_rejected": 2},
@@ -303,7 +305,7 @@ def test_rows_live_in_an_arrow_file_keyed_by_the_file_bytes(tmp_path, monkeypatc
     def forbidden(*args):
         raise AssertionError("an unchanged file should not be parsed again")
 
-    monkeypatch.setattr(text_mod, "_prepare", forbidden)
+    monkeypatch.setattr(sources_mod, "_prepare", forbidden)
     assert load_rows(path).to_list() == PAIRED
     os.utime(path)  # touched, not changed: still the same entry
     assert load_rows(path).to_list() == PAIRED
@@ -328,7 +330,7 @@ def test_skipped_rows_keep_their_source_row_numbers(tmp_path):
 
 
 def test_parquet_is_streamed_batch_by_batch(tmp_path, monkeypatch):
-    monkeypatch.setattr(text_mod, "ROWS_PER_BATCH", 1)
+    monkeypatch.setattr(splits_mod, "ROWS_PER_BATCH", 1)
     rows = [{**GOOD, "prompt": f"p{i}"} for i in range(3)]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     result = prepare_text_dataset(tmp_path / "d.parquet")

@@ -13,18 +13,19 @@ from PIL import Image
 
 from mmpref.adapters.diffusion import (
     diffusion_logratios,
-    frozen_reference,
     sample_pair_noise,
     sdxl_time_ids,
 )
 from mmpref.data import DataError
+from mmpref.data.image_inputs import PairEmbedder, pair_pixels
 from mmpref.data.image_task import make_image_style_task
-from mmpref.data.images import PairEmbedder, pair_pixels, prepare_image_dataset, validate_image_data
+from mmpref.data.images import prepare_image_dataset, validate_image_data
+from mmpref.losses import LogRatios, Objective
 from mmpref.tiny_models import make_tiny_clip, make_tiny_sd15, make_tiny_sdxl
 from mmpref.training import ConfigError, load_config, train
+from mmpref.training.build import build_task
 from mmpref.training.config import LossConfig, RPOConfig
-from mmpref.training.diffusion_task import DiffusionTask
-from mmpref.training.objective import Rows, preference_loss
+from mmpref.training.reference import FrozenCopy
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def perturbed(unet, seed=1, scale=0.02):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_batched_logratios_equal_per_image_computation(tiny, prediction_type):
     unet, scheduler = unet_and_scheduler(tiny["sd15"], prediction_type)
-    reference = frozen_reference(unet)
+    reference = FrozenCopy(unet).module
     perturbed(unet)
     g = torch.Generator().manual_seed(0)
     b = 3
@@ -138,10 +139,10 @@ def test_reference_equal_to_policy_gives_log2_and_a_gradient(tiny):
     unet, scheduler = unet_and_scheduler(tiny["sd15"])
     g = torch.Generator().manual_seed(0)
     lw, ll = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    out = diffusion_logratios(unet, frozen_reference(unet), lw, ll, torch.randn(2, 77, 32, generator=g), scheduler,
+    out = diffusion_logratios(unet, FrozenCopy(unet).module, lw, ll, torch.randn(2, 77, 32, generator=g), scheduler,
                               generator=g)  # fmt: skip
     assert torch.equal(out.logratios, torch.zeros(2, 2))
-    loss = preference_loss(LossConfig(beta=5000), RPOConfig(), Rows(out.logratios, torch.arange(2))).loss
+    loss = Objective.from_config(LossConfig(beta=5000), RPOConfig())(LogRatios(out.logratios, torch.arange(2))).loss
     assert loss.item() == pytest.approx(math.log(2))
     loss.backward()
     grad = sum(p.grad.abs().sum() for p in unet.parameters() if p.grad is not None)
@@ -153,7 +154,7 @@ def test_diffusion_dpo_value_matches_the_published_formula():
     m_w, m_l, r_w, r_l = (torch.rand(5, generator=g) * 0.01 + 0.1 for _ in range(4))
     beta = 5000.0
     lw, ll = -0.5 * (m_w - r_w), -0.5 * (m_l - r_l)
-    out = preference_loss(LossConfig(beta=beta), RPOConfig(), Rows(torch.stack([lw, ll], 1), torch.arange(5)))
+    out = Objective.from_config(LossConfig(beta=beta), RPOConfig())(LogRatios(torch.stack([lw, ll], 1), torch.arange(5)))
     published = -F.logsigmoid(-0.5 * beta * ((m_w - m_l) - (r_w - r_l))).mean()
     torch.testing.assert_close(out.loss, published)
 
@@ -224,7 +225,7 @@ def test_cached_and_uncached_logratios_agree(tiny, tmp_path, kind):
     fresh = tmp_path / "data"  # a copy of the data: its own, empty cache folder for the lazy task
     shutil.copytree(Path(tiny["train"]).parent, fresh, ignore=shutil.ignore_patterns(".mmpref_cache"))
     lazy = (f"dataset={fresh / 'train.jsonl'}", f"eval_dataset={fresh / 'eval.jsonl'}")
-    tasks = [DiffusionTask(config(tiny, tmp_path / c, f"diffusion.cache_latents={c}", *more, kind=kind), acc)
+    tasks = [build_task(config(tiny, tmp_path / c, f"diffusion.cache_latents={c}", *more, kind=kind), acc)
              for c, more in (("ahead", ()), ("off", ()), ("lazy", lazy))]  # fmt: skip
     assert tasks[0].is_sdxl == (kind == "sdxl")
     assert tasks[0].vae is None and tasks[0].text_encoders == []  # freed: the cache holds everything
@@ -267,7 +268,7 @@ def test_xformers_missing_is_a_config_error(tiny, tmp_path):
     except ImportError:
         pass
     with pytest.raises(ConfigError, match="diffusion.attention: xformers is not installed"):
-        DiffusionTask(config(tiny, tmp_path, "diffusion.attention=xformers"), Accelerator(cpu=True))
+        build_task(config(tiny, tmp_path, "diffusion.attention=xformers"), Accelerator(cpu=True))
 
 
 # -------------------------------------------------------------------------------------- RPO, saving
@@ -283,22 +284,22 @@ def test_rpo_uses_cached_clip_embeddings_per_image(tiny, tmp_path, monkeypatch):
     text = PairEmbedder(f"local-dir:{tiny['clip']}", mode="text")(pairs)
     assert torch.equal(text[:, 0], text[:, 1])
     rpo = ("loss.type=rpo", f"rpo.clip_model=local-dir:{tiny['clip']}", "diffusion.cache_latents=ahead")
-    DiffusionTask(config(tiny, tmp_path / "fill", *rpo), Accelerator(cpu=True))  # fills the CLIP cache too
-    import mmpref.data.images as images
+    build_task(config(tiny, tmp_path / "fill", *rpo), Accelerator(cpu=True))  # fills the CLIP cache too
+    import mmpref.data.image_inputs as image_inputs
 
-    monkeypatch.setattr(images, "load_open_clip", lambda *a, **k: pytest.fail("cache miss"))
-    task = DiffusionTask(config(tiny, tmp_path / "hit", *rpo), Accelerator(cpu=True))
+    monkeypatch.setattr(image_inputs, "load_open_clip", lambda *a, **k: pytest.fail("cache miss"))
+    task = build_task(config(tiny, tmp_path / "hit", *rpo), Accelerator(cpu=True))
     batch = task.collate_eval(list(range(len(ds))))
     torch.testing.assert_close(batch["embeddings"], emb, atol=1e-3, rtol=0)  # stored as float16
     monkeypatch.undo()
     cfg = config(tiny, tmp_path / "run", "loss.type=rpo", f"rpo.clip_model=local-dir:{tiny['clip']}")
-    task = DiffusionTask(cfg, Accelerator(cpu=True))
+    task = build_task(cfg, Accelerator(cpu=True))
     batch = task.collate_train([0, 1, 2])
     rows = task.rows(task.model, batch)
     assert rows.embeddings.shape == (3, 2, 32)
-    assert torch.isfinite(preference_loss(cfg.loss, cfg.rpo, rows).loss)
-    with pytest.raises(DataError, match="rpo.clip_model"):
-        DiffusionTask(config(tiny, tmp_path / "r2", "loss.type=rpo"), Accelerator(cpu=True))
+    assert torch.isfinite(Objective.from_config(cfg.loss, cfg.rpo)(rows).loss)
+    with pytest.raises(ConfigError, match="rpo.clip_model"):  # the plan refuses it, before any weights load
+        build_task(config(tiny, tmp_path / "r2", "loss.type=rpo"), Accelerator(cpu=True))
 
 
 def _generate(pipe):

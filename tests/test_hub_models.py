@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmpref.cli import main
-from mmpref.data.text import prompt_embeddings
+from mmpref.data.embeddings import prompt_embeddings
 from mmpref.errors import ConfigError
 from mmpref.hub import open_clip_name, resolve_model
 from mmpref.tiny_models import make_tiny_clip, make_tiny_lm, make_tiny_sd15
@@ -73,7 +73,7 @@ def test_hub_repo_without_a_model_is_named(hub, tmp_path):
 
 
 def test_sentence_embedder_by_hub_id_equals_the_packaged_folder(hub, tmp_path):
-    from mmpref.data.text import default_embedder_path
+    from mmpref.data.embeddings import default_embedder_path
 
     write_hub_repo(hub, "sentence-transformers/all-MiniLM-L6-v2", default_embedder_path())
     prompts = ["How long do I knead bread dough?", "What is an orbit?"]
@@ -82,7 +82,7 @@ def test_sentence_embedder_by_hub_id_equals_the_packaged_folder(hub, tmp_path):
 
 
 def test_open_clip_by_hub_id_is_its_cached_snapshot(hub, tmp_path):
-    from mmpref.data.images import load_open_clip
+    from mmpref.data.image_inputs import load_open_clip
 
     folder = make_tiny_clip(tmp_path / "clip")
     commit = write_hub_repo(hub, "tiny-org/clip", folder)

@@ -135,7 +135,7 @@ def test_lazy_cache_killed_at_random_moments_resumes_bit_identically(tiny, strai
     done = subprocess.run(command + ["--resume"], env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     same_weights(straight / "final", out / "final")
-    assert not list((data.parent / ".mmpref_cache").rglob(".tmp_*"))  # nothing half-written is left to trust
+    assert not list((data.parent / ".mmpref_cache").rglob(".tmp*"))  # nothing half-written is left to trust
 
 
 def test_opening_holds_an_index_not_the_images(tmp_path):

@@ -6,9 +6,7 @@ import math
 import pytest
 import torch
 
-from mmpref.losses import dpo_loss, rpo_loss
-from mmpref.training.config import LossConfig, RPOConfig
-from mmpref.training.objective import Rows, preference_loss
+from mmpref.losses import LogRatios, Objective, dpo_loss, rpo_loss
 
 
 def test_simpo_rewards_are_the_length_averaged_log_probs_the_loss_compares():
@@ -28,10 +26,10 @@ def test_simpo_rewards_are_the_length_averaged_log_probs_the_loss_compares():
 
 
 def test_sft_term_is_token_weighted_as_trl():
-    rows = Rows(logratios=torch.zeros(2, 2), row_index=torch.arange(2),
-                lengths=torch.tensor([[1.0, 1.0], [3.0, 1.0]]),
-                policy_logps=torch.tensor([[-1.0, -5.0], [-9.0, -5.0]]))  # fmt: skip
-    out = preference_loss(LossConfig(sft_weight=1.0), RPOConfig(), rows)
+    rows = LogRatios(logratios=torch.zeros(2, 2), row_index=torch.arange(2),
+                     lengths=torch.tensor([[1.0, 1.0], [3.0, 1.0]]),
+                     policy_logps=torch.tensor([[-1.0, -5.0], [-9.0, -5.0]]))  # fmt: skip
+    out = Objective(sft_weight=1.0)(rows)
     # chosen tokens: 1 + 3, their NLL 1 + 9: (1 + 9) / 4, not the mean of per-row averages (1 + 3) / 2
     assert out.metrics["sft/nll"].item() == pytest.approx(2.5)
     assert out.loss.item() == pytest.approx(math.log(2) + 2.5)
@@ -99,8 +97,8 @@ def test_odpo_pairs_whose_chosen_score_is_not_higher_are_bad_rows(tmp_path):
 
 
 def test_odpo_offsets_are_not_clamped_per_pair():
-    rows = Rows(logratios=torch.zeros(1, 2), row_index=torch.arange(1), scores=torch.tensor([[1.0005, 1.0]]))
-    out = preference_loss(LossConfig(type="odpo", beta=1.0, offset_alpha=1.0), RPOConfig(), rows)
+    rows = LogRatios(logratios=torch.zeros(1, 2), row_index=torch.arange(1), scores=torch.tensor([[1.0005, 1.0]]))
+    out = Objective(type="odpo", beta=1.0, offset_alpha=1.0)(rows)
     # Δ_r = log(0.0005) ≈ −7.6; the old clamp at 1e-3 gave log(1e-3) ≈ −6.9
     assert out.loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-(0 - math.log(0.0005))))), rel=1e-4)
 
@@ -139,7 +137,8 @@ def test_sdxl_flip_mirrors_the_crop_corner_as_diffusers_does(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from mmpref.data.images import ImagePair, pair_pixels
+    from mmpref.data.image_inputs import pair_pixels
+    from mmpref.data.images import ImagePair
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (40, 80, 3), dtype=np.uint8)) for _ in range(2)]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmpref.losses import contrast_weights, dpo_loss, rpo_loss
+from mmpref.losses import Objective, contrast_weights, dpo_loss, rpo_loss
 
 W = [0.3, -1.2, 0.0, 2.5]  # chosen log-ratios
 L = [-0.4, 0.8, 0.0, 1.0]  # rejected log-ratios
@@ -110,11 +110,6 @@ def test_metrics_on_known_batch():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"beta": 0.0}, "beta"),
-        ({"beta": -1.0}, "beta"),
-        ({"beta": 0.1, "loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing"),
-        ({"beta": 0.1, "loss_type": "cdpo", "label_smoothing": -0.1}, "label_smoothing"),
-        ({"beta": 0.1, "label_smoothing": 0.1}, "label_smoothing"),
         ({"beta": 0.1, "loss_type": "odpo"}, "offsets"),
         ({"beta": 0.1, "loss_type": "rdpo"}, "label_probs"),
         ({"beta": 0.1, "loss_type": "rdpo", "label_probs": torch.tensor([1.5, 0.5])}, "label_probs"),
@@ -125,6 +120,21 @@ def test_metrics_on_known_batch():
 def test_dpo_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         dpo_loss(torch.tensor([0.1, 0.2]), torch.tensor([0.0, 0.3]), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"beta": 0.0}, "loss.beta: must be > 0"),
+        ({"beta": -1.0}, "loss.beta: must be > 0"),
+        ({"type": "robust", "label_smoothing": 0.5}, "loss.label_smoothing: must be in [0, 0.5)"),
+        ({"type": "cdpo", "label_smoothing": -0.1}, "loss.label_smoothing: must be in [0, 0.5)"),
+        ({"label_smoothing": 0.1}, "loss.label_smoothing: only used when loss.type is one of robust, cdpo"),
+    ],
+)
+def test_dpo_bad_scalars_are_the_objectives_problems(kwargs, message):
+    """The core checks tensors only; the ranges of the scalars are Objective.problems()'s, named by key."""
+    assert [p for p in Objective(**kwargs).problems() if p.startswith(message)]
 
 
 def test_dpo_bad_tensors_name_the_argument():
@@ -247,19 +257,31 @@ def test_rpo_gradient():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"temperature": 0.0}, "temperature"),
-        ({"beta": -0.1}, "beta"),
         ({"mode": "weird"}, "mode"),
         ({"chosen_embeddings": None}, "chosen_embeddings"),
         ({"chosen_embeddings": torch.zeros(2, 3)}, "chosen_embeddings"),
-        ({"diagonal_weight": 1.5, "mode": "diagonal"}, "diagonal_weight"),
         ({"base_loss": "odpo"}, "offsets"),
+        ({"base_loss": "rdpo", "label_probs": torch.full((3, 2), 0.5)}, "label_probs"),
+        ({"chosen_lengths": torch.tensor([1.0, -1.0, 2.0])}, "chosen_lengths"),
     ],
 )
 def test_rpo_bad_arguments_name_the_argument(kwargs, name):
     args = {"beta": 0.1, "chosen_embeddings": EMB, **kwargs}
     with pytest.raises(ValueError, match=name):
         rpo_loss(RW, RL, **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rpo_temperature": 0.0}, "rpo.temperature: must be > 0"),
+        ({"beta": -0.1}, "loss.beta: must be > 0"),
+        ({"diagonal_weight": 1.5, "rpo_mode": "diagonal"}, "rpo.diagonal_weight: must be in [0, 1]"),
+        ({"rpo_mode": "weird"}, "rpo.mode: must be one of paired, unpaired, diagonal"),
+    ],
+)
+def test_rpo_bad_scalars_are_the_objectives_problems(kwargs, message):
+    assert [p for p in Objective(type="rpo", **kwargs).problems() if p.startswith(message)]
 
 
 def test_rpo_paired_needs_equal_sides():

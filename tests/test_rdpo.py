@@ -15,18 +15,17 @@ import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
 
 from mmpref.cli import main
-from mmpref.losses import dpo_loss
+from mmpref.losses import LogRatios, Objective, dpo_loss
 from mmpref.losses.pairwise import rdpo_loss
 from mmpref.rdpo import reward as reward_module
 from mmpref.rdpo.config import load_rdpo_config
 from mmpref.rdpo.jsonl import partial_path, read_done
-from mmpref.rdpo.reward import load_reward, win_rate
+from mmpref.rdpo.reward import compare_rewards, load_reward
 from mmpref.rdpo.synth import run_synth
 from mmpref.rdpo.tiny_models import make_tiny_reward_model, warm_start_lm
 from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import load_config, train
 from mmpref.training.config import LossConfig, RPOConfig
-from mmpref.training.objective import Rows, preference_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -219,13 +218,13 @@ def test_rdpo_from_scores_through_the_objective():
     """p = σ((s_w − s_l)/τ_r) from the score columns, as the training loop computes it."""
     lw, ll = torch.tensor([0.3, -0.2, 0.1]), torch.tensor([0.1, 0.4, 0.1])
     scores = torch.tensor([[30.0, 0.0], [2.0, 1.0], [1.0, 1.0]])
-    rows = Rows(logratios=torch.stack([lw, ll], 1), row_index=torch.arange(3), scores=scores)
+    rows = LogRatios(logratios=torch.stack([lw, ll], 1), row_index=torch.arange(3), scores=scores)
     for tau in (1.0, 2.0):
-        out = preference_loss(LossConfig(type="rdpo", beta=0.1, reward_temperature=tau), RPOConfig(), rows)
+        out = Objective.from_config(LossConfig(type="rdpo", beta=0.1, reward_temperature=tau), RPOConfig())(rows)
         p = torch.sigmoid((scores[:, 0] - scores[:, 1]) / tau)
         z = 0.1 * (lw - ll)
         torch.testing.assert_close(out.per_pair, -p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z))
-    dpo = preference_loss(LossConfig(type="sigmoid", beta=0.1), RPOConfig(), rows)
+    dpo = Objective.from_config(LossConfig(type="sigmoid", beta=0.1), RPOConfig())(rows)
     assert out.per_pair[0].item() == pytest.approx(dpo.per_pair[0].item(), abs=1e-6)  # margin 30: p ≈ 1
 
 
@@ -235,8 +234,8 @@ def test_negative_reward_margin_flips_the_update():
     for loss_type in ("rdpo", "sigmoid"):
         logratios = torch.tensor([[0.2, -0.1]], requires_grad=True)
         opt = torch.optim.SGD([logratios], lr=1.0)
-        rows = Rows(logratios=logratios, row_index=torch.arange(1), scores=torch.tensor([[-6.0, 6.0]]))
-        preference_loss(LossConfig(type=loss_type, beta=1.0), RPOConfig(), rows).loss.backward()
+        rows = LogRatios(logratios=logratios, row_index=torch.arange(1), scores=torch.tensor([[-6.0, 6.0]]))
+        Objective.from_config(LossConfig(type=loss_type, beta=1.0), RPOConfig())(rows).loss.backward()
         opt.step()
         margins[loss_type] = (logratios[0, 0] - logratios[0, 1]).item()
     assert margins["rdpo"] < 0.3 < margins["sigmoid"]
@@ -403,10 +402,10 @@ def test_config_errors_name_the_key(models, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ eval-reward
 
 
-def test_win_rate_ties_and_bootstrap():
+def test_compare_rewards_ties_and_bootstrap():
     policy = np.array([[2.0, 1.0], [0.0, 0.0], [1.0, 3.0]])
     reference = np.array([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    r = win_rate(policy, reference, bootstrap_samples=2000, seed=0)
+    r = compare_rewards(policy, reference, bootstrap_samples=2000, seed=0)
     assert (r.wins, r.ties, r.losses) == (2, 3, 1)
     assert r.win_rate == pytest.approx((2 + 0.5 * 3) / 6)
     assert r.ci_low <= r.win_rate <= r.ci_high and 0 <= r.ci_low < r.ci_high <= 1

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from mmpref.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, main
+from mmpref.losses import Objective
 from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import ConfigError, NonFiniteLossError, TrainingInterrupted, load_config, train
 from mmpref.training import loop as loop_module
@@ -309,16 +310,16 @@ def test_nonfinite_keys_are_validated(tiny, tmp_path):
 
 def test_skip_mode_stops_past_max_skipped_steps(tiny, tmp_path, monkeypatch):
     on_training_call(monkeypatch, {2: nan_loss})
-    original, calls = loop_module.preference_loss, []
+    original, calls = Objective.__call__, []
 
-    def loss_goes_inf(*args):  # finite inputs, non-finite loss at step 4
-        out = original(*args)
+    def loss_goes_inf(self, rows):  # finite inputs, non-finite loss at step 4
+        out = original(self, rows)
         calls.append(torch.is_grad_enabled())
         if calls.count(True) == 4:
             out.loss = out.loss * float("inf")
         return out
 
-    monkeypatch.setattr(loop_module, "preference_loss", loss_goes_inf)
+    monkeypatch.setattr(Objective, "__call__", loss_goes_inf)  # the run's objective, as the loop calls it
     with pytest.raises(NonFiniteLossError, match="step 4: .*2 steps skipped, more than max_skipped_steps=1"):
         train(config(tiny, tmp_path / "run", "nonfinite=skip", "max_skipped_steps=1"))
 

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from mmpref.cli import main
-from mmpref.data import text as text_mod
+from mmpref.data import embeddings as embeddings_mod
 from mmpref.rdpo.config import EvalRewardConfig, ScoreConfig, SynthConfig
 from mmpref.tiny_models import make_tiny_lm, make_tiny_sd15
 from mmpref.training import load_config
@@ -149,14 +149,14 @@ def test_trust_remote_code_reaches_from_pretrained(lm, tmp_path, monkeypatch):
     original_tokenizer = transformers.AutoTokenizer.from_pretrained
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy("tokenizer"))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy("model"))
-    from mmpref.training.text_task import TextTask
+    from mmpref.training.build import build_task
 
     data = write_rows(tmp_path / "d.jsonl")
     for flag in (False, True):
         cfg = load_config(None, [f"model={lm}", f"dataset={data}", f"output_dir={tmp_path}", "report_to=none",
                                  f"trust_remote_code={str(flag).lower()}"])  # fmt: skip
         with pytest.raises(Stop):
-            TextTask(cfg, Accelerator(cpu=True))
+            build_task(cfg, Accelerator(cpu=True))
     assert seen == [("tokenizer", False), ("model", False), ("tokenizer", True), ("model", True)]
 
 
@@ -172,26 +172,26 @@ class CountingEmbedder:
 
 
 def test_prompt_embedding_cache_follows_data_and_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(text_mod, "_load_embedder", lambda *a, **k: CountingEmbedder())
+    monkeypatch.setattr(embeddings_mod, "_load_embedder", lambda *a, **k: CountingEmbedder())
     model, cache = tmp_path / "embedder", tmp_path / "cache"
     model.mkdir()
     (model / "modules.json").write_text("[]")  # what marks a sentence-transformers folder
     (model / "weights.safetensors").write_bytes(b"version one")
     prompts = ["bake bread", "orbit a planet"]
-    first = text_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)
-    text_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)
+    first = embeddings_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)
+    embeddings_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)
     assert CountingEmbedder.calls == 1  # a hit
-    text_mod.prompt_embeddings(["bake bread", "orbit a moon"], model=model, cache_dir=cache)
+    embeddings_mod.prompt_embeddings(["bake bread", "orbit a moon"], model=model, cache_dir=cache)
     assert CountingEmbedder.calls == 2  # other data: recomputed
     (model / "weights.safetensors").write_bytes(b"version two, retrained")
-    again = text_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)
+    again = embeddings_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)
     assert CountingEmbedder.calls == 3  # the model changed in place: recomputed
     torch.testing.assert_close(again, first)
-    assert len(list(cache.glob("*.safetensors"))) == 3 and not list(cache.glob(".tmp_*"))
+    assert len(list(cache.glob("*.safetensors"))) == 3 and not list(cache.glob(".tmp*"))
 
 
 def test_reference_logp_cache_follows_data_and_model(lm, tmp_path):
-    from mmpref.training.text_task import TextTask
+    from mmpref.training.build import build_task
 
     model = tmp_path / "lm"
     shutil.copytree(lm, model)
@@ -201,7 +201,7 @@ def test_reference_logp_cache_follows_data_and_model(lm, tmp_path):
     def build():
         cfg = load_config(None, [f"model={model}", f"dataset={data}", f"output_dir={out}", "report_to=none",
                                  "max_length=64", "max_prompt_length=32"])  # fmt: skip
-        return TextTask(cfg, Accelerator(cpu=True)).train.ref_logps
+        return build_task(cfg, Accelerator(cpu=True)).train.ref_logps
 
     first = build()
     build()
@@ -238,7 +238,7 @@ def image_task(root: Path) -> Path:
 
 
 def test_latent_cache_follows_images_and_vae(sd15, tmp_path):
-    from mmpref.training.diffusion_task import DiffusionTask
+    from mmpref.training.build import build_task
 
     model = tmp_path / "sd15"
     shutil.copytree(sd15, model)
@@ -248,8 +248,8 @@ def test_latent_cache_follows_images_and_vae(sd15, tmp_path):
     def latents():
         cfg = load_config(None, [f"model={model}", f"dataset={data}", f"output_dir={tmp_path / 'o'}",
                                  "report_to=none", "diffusion.resolution=16", "loss.beta=5000", "max_length=64",
-                                 "max_prompt_length=32", "diffusion.cache_latents=ahead"])  # fmt: skip
-        split = DiffusionTask(cfg, Accelerator(cpu=True)).train
+                                 "max_prompt_length=32", "diffusion.cache_latents=ahead", "batch_size=1"])  # fmt: skip
+        split = build_task(cfg, Accelerator(cpu=True)).train
         return split.latents.get([split.data.row(i) for i in range(3)])["latents"].float()
 
     def chunks():
@@ -276,8 +276,8 @@ def test_latent_cache_follows_images_and_vae(sd15, tmp_path):
 
 
 def test_clip_embedding_cache_follows_captions_and_model(sd15, tmp_path, monkeypatch):
-    import mmpref.data.images as images
-    from mmpref.training.diffusion_task import DiffusionTask
+    import mmpref.data.image_inputs as image_inputs
+    from mmpref.training.build import build_task
 
     loads = []
 
@@ -289,7 +289,7 @@ def test_clip_embedding_cache_follows_captions_and_model(sd15, tmp_path, monkeyp
         loads.append(model)
         return FakeClip(), None, lambda texts: torch.tensor([[len(t), 1.0, 2.0] for t in texts])
 
-    monkeypatch.setattr(images, "load_open_clip", fake_load)
+    monkeypatch.setattr(image_inputs, "load_open_clip", fake_load)
     clip = tmp_path / "clip"
     clip.mkdir()
     (clip / "open_clip_config.json").write_text("{}")
@@ -300,8 +300,8 @@ def test_clip_embedding_cache_follows_captions_and_model(sd15, tmp_path, monkeyp
         cfg = load_config(None, [f"model={sd15}", f"dataset={data}", f"output_dir={tmp_path / 'o'}", "report_to=none",
                                  "diffusion.resolution=16", "loss.beta=5000", "max_length=64", "max_prompt_length=32",
                                  "diffusion.cache_latents=ahead", "loss.type=rpo", f"rpo.clip_model=local-dir:{clip}",
-                                 "rpo.embedding=text"])  # fmt: skip
-        DiffusionTask(cfg, Accelerator(cpu=True))
+                                 "rpo.embedding=text", "batch_size=1"])  # fmt: skip
+        build_task(cfg, Accelerator(cpu=True))
 
     embed()
     embed()

@@ -13,8 +13,7 @@ from accelerate.utils import DistributedType
 from mmpref.data.image_task import make_image_style_task
 from mmpref.tiny_models import make_tiny_lm, make_tiny_sd15
 from mmpref.training import ConfigError, load_config, train
-from mmpref.training.distributed import check_scale_out
-from mmpref.training.text_task import TextTask
+from mmpref.training.plan import check_scale_out, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs" / "accelerate"
@@ -70,13 +69,15 @@ def fake_accelerator(kind: DistributedType, zero_stage: int = 0, zero3_init: boo
 
 def test_sharded_modes_refuse_what_they_cannot_run_and_name_the_fix(tmp_path):
     zero3 = fake_accelerator(DistributedType.DEEPSPEED, 3)
-    missing = tmp_path / "no-model"
-    frozen = load_config(None, [f"model={missing}", "dataset=x.jsonl", "precompute_ref=false"])
-    # checked before anything loads: the model folder does not even exist
+    zero3.num_processes = 2
+    model = tmp_path / "lm"  # only its config.json is read: the plan loads no weights
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    frozen = load_config(None, [f"model={model}", f"dataset={tmp_path / 'x.jsonl'}", "precompute_ref=false"])
     with pytest.raises(ConfigError, match="frozen reference copy.*precompute_ref: true.*lora"):
-        TextTask(frozen, zero3)
-    with pytest.raises(ConfigError, match="model: no such folder"):  # precompute_ref (default) passes
-        TextTask(load_config(None, [f"model={missing}", "dataset=x.jsonl"]), zero3)
+        plan(frozen, zero3)
+    with pytest.raises(ConfigError, match="dataset: no such file"):  # precompute_ref (default) passes
+        plan(load_config(None, [f"model={model}", f"dataset={tmp_path / 'x.jsonl'}"]), zero3)
     with pytest.raises(ConfigError, match="frozen reference copy.*use lora"):  # diffusion: LoRA only
         check_scale_out(frozen, zero3, frozen_reference=True, text=False)
     check_scale_out(frozen, fake_accelerator(DistributedType.DEEPSPEED, 2), frozen_reference=True, text=True)
@@ -131,6 +132,7 @@ def test_save_writes_the_gathered_state_dict_when_given(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mmpref.training.diffusion_task import DiffusionTask
+    from mmpref.training.text_task import TextTask
 
     lm_dir = make_tiny_lm(tmp_path / "lm", seed=0)
     lm = AutoModelForCausalLM.from_pretrained(lm_dir)

@@ -1,11 +1,12 @@
-"""The loop's task contract (mmpref.training.task), LoRA target defaults per modality, the loss's sides."""
+"""The loop's task contract (mmpref.training.task) and LoRA target defaults per modality."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mmpref.training.config import ConfigError, LoraConfig, TrainConfig, load_config, validate
 from mmpref.training.diffusion_task import DiffusionTask
-from mmpref.training.objective import Rows, Side, _split
 from mmpref.training.task import Task
 from mmpref.training.text_task import TextTask
 
@@ -21,6 +22,19 @@ def test_optional_hooks_default_to_nothing():
     class Minimal(Task):
         modality, unit = "text", "rows"
 
+        def prepare_splits(self):
+            raise NotImplementedError
+
+        load_models = prepare_splits
+
+        def build_artifacts(self, models, splits):
+            raise NotImplementedError
+
+        make_reference = build_artifacts
+
+        def wrap_for_training(self, models):
+            raise NotImplementedError
+
         def collate_train(self, indices):
             return {}
 
@@ -35,16 +49,19 @@ def test_optional_hooks_default_to_nothing():
         def save(self, model, out_dir, state_dict=None):
             pass
 
-    task, model = Minimal(), torch.nn.Linear(1, 1)
+    run_plan = SimpleNamespace(cfg=TrainConfig(model="m", dataset="d"), source=None)
+    task, model = Minimal(run_plan, None), torch.nn.Linear(1, 1)
+    assert task.plan is run_plan and task.cfg is run_plan.cfg  # the constructor only stores the plan
     assert task.sample_and_score(model, 3) == {} and task.checkpoint_objects() == []
     assert task.after_optimizer_step(model) is None and task.finalize(model) is None
+    assert task.flush() is None and task.data_metrics() == {}
     assert task.is_sdxl is False
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="abstract"):
 
         class Incomplete(Task):
             modality, unit = "text", "rows"
 
-        Incomplete()
+        Incomplete(run_plan, None)
 
 
 def lora(*overrides):
@@ -60,16 +77,3 @@ def test_lora_targets_default_per_modality_and_explicit_lists_are_kept():
     with pytest.raises(ConfigError, match="lora.target_modules"):
         validate(TrainConfig(model="m", dataset="d", lora=LoraConfig(target_modules=[])))
 
-
-def test_split_names_the_sides():
-    paired = Rows(logratios=torch.tensor([[1.0, 2.0], [3.0, 4.0]]), row_index=torch.arange(2),
-                  lengths=torch.tensor([[5.0, 6.0], [7.0, 8.0]]), scores=torch.tensor([[0.9, 0.1], [0.8, 0.2]]))  # fmt: skip
-    chosen, rejected = _split(paired)
-    assert isinstance(chosen, Side)
-    assert chosen.logratios.tolist() == [1.0, 3.0] and rejected.lengths.tolist() == [6.0, 8.0]
-    assert rejected.scores.tolist() == pytest.approx([0.1, 0.2]) and chosen.policy_logps is None
-    unpaired = Rows(logratios=torch.tensor([[1.0], [2.0], [3.0]]), row_index=torch.arange(3),
-                    labels=torch.tensor([True, False, True]), embeddings=torch.eye(3))  # fmt: skip
-    good, bad = _split(unpaired)
-    assert good.logratios.tolist() == [1.0, 3.0] and bad.logratios.tolist() == [2.0]
-    assert bad.embeddings.tolist() == [[0.0, 1.0, 0.0]] and good.scores is None

@@ -7,7 +7,6 @@ uninterrupted run and redo none of the finished chunks. docs/text.md, *Caches an
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import threading
@@ -17,11 +16,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from mmpref.data import embeddings as embeddings_mod
 from mmpref.data import prepare_text_dataset, prompt_embeddings
-from mmpref.data import text as text_mod
+from mmpref.data import tokenized as tok
 from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import load_config
 from mmpref.training import text_task as tt
+from mmpref.training.build import build_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +30,8 @@ ROWS, CHUNK = 120, 16  # 8 chunks, the last one partial
 WORDS = ["bread", "oven", "planet", "orbit", "guitar", "melody", "river", "garden", "coffee", "window"]
 
 
-ORIGINALS = {name: getattr(tt, name) for name in ("tokenize_row", "response_logps")}
+MODULES = {"tokenize_row": tok, "response_logps": tt}  # where each piece of work is called from
+ORIGINALS = {name: getattr(module, name) for name, module in MODULES.items()}
 
 
 class Kill(Exception):
@@ -59,7 +61,7 @@ def lm(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(tt, "TOKEN_CHUNK_ROWS", CHUNK)
+    monkeypatch.setattr(tok, "TOKEN_CHUNK_ROWS", CHUNK)
     monkeypatch.setattr(tt, "REF_CHUNK_ROWS", CHUNK)
 
 
@@ -69,11 +71,12 @@ def config(lm: Path, data: Path, out: Path, *overrides: str):
 
 
 def build(lm: Path, data: Path, out: Path, *overrides: str) -> tt.TextTask:
-    return tt.TextTask(config(lm, data, out, *overrides), Accelerator(cpu=True))
+    return build_task(config(lm, data, out, *overrides), Accelerator(cpu=True))
 
 
 def counting(monkeypatch, name: str, fail_after: int | None = None) -> list[int]:
-    """Replace ``tt.<name>`` by a wrapper counting its calls; call number ``fail_after + 1`` raises Kill."""
+    """Replace ``<name>`` where the work calls it by a wrapper counting its calls; call number ``fail_after + 1``
+    raises Kill."""
     calls, original = [], ORIGINALS[name]
 
     def wrapper(*args, **kwargs):
@@ -82,11 +85,11 @@ def counting(monkeypatch, name: str, fail_after: int | None = None) -> list[int]
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tt, name, wrapper)
+    monkeypatch.setattr(MODULES[name], name, wrapper)
     return calls
 
 
-def packed_state(rows: tt.PackedRows) -> tuple:
+def packed_state(rows: tok.PackedRows) -> tuple:
     return rows._ids.typecode, rows._ids.tobytes(), rows._starts.tobytes(), rows._numbers.tobytes()
 
 
@@ -199,13 +202,16 @@ def test_two_processes_share_the_chunks_and_match_one_process(lm, tmp_path, monk
 
     monkeypatch.setattr(tt, "gather_object", all_gather)
     splits, errors = [None, None], []
+    cfg, model = task.cfg, task.model.eval()
+    limits = tok.TokenLimits(cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
 
     def run(rank: int) -> None:
         try:
-            view = copy.copy(task)
-            view.accelerator = _Rank(task.accelerator, rank, barrier)
-            split = tt._Split(view, dataset, dataset.dataset, dataset.row_numbers, "train")
-            split.ref_logps = view._precompute(split)
+            acc = _Rank(task.accelerator, rank, barrier)
+            split = tok.TokenizedSplit.build(dataset, "train", task.tokenizer, limits, acc)
+            split.ref_logps = tt.reference_logps(model, split, accelerator=acc, batch_size=cfg.eval_batch_size,
+                                                 chunk_size=cfg.lm_head_chunk_size,
+                                                 pad_token_id=task.tokenizer.pad_token_id, caches=task._reference_caches)  # fmt: skip
             splits[rank] = split
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
@@ -232,7 +238,7 @@ class _Embedder:
 
 
 def test_rpo_keeps_one_embedding_per_distinct_prompt(lm, tmp_path, monkeypatch):
-    monkeypatch.setattr(text_mod, "_load_embedder", lambda *args: _Embedder())
+    monkeypatch.setattr(embeddings_mod, "_load_embedder", lambda *args: _Embedder())
     data = write_rows(tmp_path / "d" / "d.jsonl", prompts=10)
     split = build(lm, data, tmp_path / "r", "loss.type=rpo", "precompute_ref=false").train
     assert split.embeddings.shape == (10, 3) and split.prompt_index.shape == (ROWS,)

@@ -12,9 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from mmpref.cli import main
+from mmpref.data.tokenized import PackedRows
 from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import load_config, train
+from mmpref.training import reference as reference_module
 from mmpref.training import text_task as text_task_module
+from mmpref.training.build import build_task
 from mmpref.training.checkpoint import Checkpointer as _Checkpointer
 
 TOPICS = {
@@ -65,12 +68,11 @@ def test_precomputed_reference_equals_on_the_fly(tiny, tmp_path):
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
-    pre = text_task_module.TextTask(config(tiny, tmp_path / "a"), acc)
-    fly = text_task_module.TextTask(config(tiny, tmp_path / "b", "precompute_ref=false"), acc)
-    assert fly.reference is not None and pre.reference is None
+    pre = build_task(config(tiny, tmp_path / "a"), acc)
+    fly = build_task(config(tiny, tmp_path / "b", "precompute_ref=false"), acc)
+    assert fly.reference.kind == "frozen_copy" and pre.reference.kind == "precomputed"
     batch = pre.collate_train(list(range(8)))
-    with torch.no_grad():
-        on_the_fly = text_task_module.response_logps(fly.reference, batch)[0]
+    on_the_fly = fly.reference.logps(fly.model, batch)
     torch.testing.assert_close(batch["ref_logps"], on_the_fly, atol=1e-5, rtol=0)
 
 
@@ -85,6 +87,7 @@ def test_precompute_ref_never_calls_a_reference_during_training(tiny, tmp_path, 
         return original(model, batch, **kwargs)
 
     monkeypatch.setattr(text_task_module, "response_logps", spy)
+    monkeypatch.setattr(reference_module, "response_logps", spy)  # where a reference model would run
     train(cfg)  # cache hit: only policy forwards, all with grad
     assert calls == [True] * cfg.max_steps
 
@@ -202,7 +205,7 @@ def test_row_index_is_the_row_number_in_the_source_file(tiny, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = config((model, path), tmp_path / "run", "on_bad_rows=skip", "eval_split=0.25")
-    task = text_task_module.TextTask(cfg, Accelerator(cpu=True))
+    task = build_task(cfg, Accelerator(cpu=True))
     numbered = {}
     for split in (task.train, task.eval):
         for k in range(len(split)):
@@ -222,7 +225,7 @@ def test_packed_rows_widen_past_uint16_and_keep_row_numbers():
 
     rows = [TokenizedRow(index=7, prompt=[1, 2], responses=[[3], [4, 5]]),
             TokenizedRow(index=9, prompt=[100_000, 2], responses=[[3], [65_536]])]  # fmt: skip
-    packed = text_task_module.PackedRows()
+    packed = PackedRows()
     for row in rows:
         packed.append(row)
     assert list(packed) == rows

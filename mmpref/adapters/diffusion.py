@@ -12,16 +12,14 @@ Pure functions, no training state. For a batch of B pairs of VAE latents (chosen
   ``inside_term = −½·β·((m_w − m_l) − (r_w − r_l))``: ``loss.beta: 5000`` reproduces the original
   Diffusion-DPO code (β_dpo = 5000); the diffusers example's ``beta_dpo: 2500`` is 5000 here.
 
-The reference is anything callable like a UNet returning the prediction tensor: a frozen copy of the UNet
-(:func:`frozen_reference`), or with LoRA the same UNet with its adapters switched off
-(:func:`adapters_disabled`). Prompt helpers encode captions the way diffusers' SD 1.5 and SDXL training
+The reference is anything callable like a UNet returning the prediction tensor (a frozen copy of the UNet, or
+with LoRA the same UNet with its adapters switched off: :mod:`mmpref.training.reference`). Prompt helpers encode captions the way diffusers' SD 1.5 and SDXL training
 scripts do, and :func:`sdxl_time_ids` builds SDXL's micro-conditioning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -140,40 +138,6 @@ def _predict(unet: Reference, noisy: Tensor, t: Tensor, ehs: Tensor, added: dict
     kwargs = {} if added is None else {"added_cond_kwargs": added}
     out = unet(noisy, t, encoder_hidden_states=ehs, **kwargs)
     return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
-
-
-# -------------------------------------------------------------------------------------- references
-
-
-def frozen_reference(unet: nn.Module) -> nn.Module:
-    """A frozen, eval-mode copy of ``unet`` (full fine-tuning's reference)."""
-    import copy
-
-    ref = copy.deepcopy(unet)
-    return ref.requires_grad_(False).eval()
-
-
-@contextmanager
-def adapters_off(unet: nn.Module):
-    """``unet`` with its peft adapters switched off inside the block (the LoRA reference)."""
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
-
-
-def adapters_disabled(unet: nn.Module) -> Reference:
-    """The LoRA reference: ``unet`` itself with its peft adapters switched off for the call.
-
-    ``unet`` must be the unwrapped model that carries the adapters (diffusers' ``add_adapter``).
-    """
-
-    def reference(*args, **kwargs):
-        with adapters_off(unet):
-            return unet(*args, **kwargs)
-
-    return reference
 
 
 # ----------------------------------------------------------------------------------- conditioning

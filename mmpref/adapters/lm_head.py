@@ -95,3 +95,16 @@ def install_chunked_head(model: PreTrainedModel) -> None:
 
     model.forward = forward
     model._mmpref_chunked_head = True
+
+
+def copy_without_chunked_head(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose modules carry no :func:`install_chunked_head` forward: that forward is a
+    closure over the module it was installed on, so a copy would otherwise run the original's weights. The copy
+    gets a forward of its own on first use."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        if module.__dict__.pop("_mmpref_chunked_head", False):
+            module.__dict__.pop("forward", None)
+    return clone

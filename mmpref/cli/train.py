@@ -47,10 +47,14 @@ def _validate_data(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from mmpref.training import load_config
-    from mmpref.training.data_check import fill_caches
+    from mmpref.training import ConfigError, load_config
+    from mmpref.training.data_check import fill_caches, is_diffusion
 
-    for folder in fill_caches(load_config(args.config, args.overrides)):
+    cfg = load_config(args.config, args.overrides)
+    if not is_diffusion(cfg):
+        raise ConfigError("model: `mmpref cache` encodes image data for a diffusion model; text rows are "
+                          "tokenized (and their reference log-probs cached) by `mmpref train` itself")  # fmt: skip
+    for folder in fill_caches(cfg):
         print(f"cache complete: {folder}")
     return 0
 

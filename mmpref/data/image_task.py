@@ -34,7 +34,8 @@ COLORS = {
 }
 
 
-def _scene(rng: random.Random, size: int) -> tuple[str, dict]:
+def random_scene(rng: random.Random, size: int) -> tuple[str, dict]:
+    """(caption, scene) of one scene drawn by ``rng``: a shape, its colour and the background's, its size and place."""
     shape = rng.choice(SHAPES)
     fg, bg = rng.sample(list(COLORS), 2)
     scale = rng.uniform(0.45, 0.7) * size
@@ -85,7 +86,7 @@ def make_image_style_task(
         path = out_dir / f"{split}.jsonl"
         with open(path, "w") as f:
             for i in range(n):
-                caption, scene = _scene(rng, size)
+                caption, scene = random_scene(rng, size)
                 names = []
                 for styled in (True, False):
                     name = f"images/{split}-{i:04d}-{'styled' if styled else 'plain'}.png"
@@ -102,6 +103,6 @@ def make_image_style_task(
     refs, ref_rng = out_dir / "style_refs", random.Random(seed + 1)
     refs.mkdir(exist_ok=True)
     for i in range(n_style_refs):
-        _, scene = _scene(ref_rng, size)
+        _, scene = random_scene(ref_rng, size)
         draw_scene(scene, size, True, ref_rng).save(refs / f"ref-{i:03d}.png", optimize=True)
     return files[0], files[1]

@@ -1,6 +1,6 @@
-"""Image preference data (Pick-a-Pic format), the training transform and CLIP embeddings (docs/design.md §7, §10).
+"""Image preference data (Pick-a-Pic format): rows opened, checked and read as pairs (docs/design.md §10).
 
-Rows come from any source :func:`mmpref.data.text.open_rows` reads (a hub id such as
+Rows come from any source :func:`mmpref.data.sources.open_rows` reads (a hub id such as
 ``yuvalkirstain/pickapic_v2``, a local file, folder, glob or ``save_to_disk`` folder, or rows in memory) and
 hold ``caption``, ``jpg_0``, ``jpg_1`` and ``label_0``:
 
@@ -17,16 +17,10 @@ hold ``caption``, ``jpg_0``, ``jpg_1`` and ``label_0``:
 
 Bad rows (missing columns or values, empty caption, an image that is missing or does not decode, two
 identical images, ``label_0`` outside {0, 0.5, 1}) are reported with their 0-based row number, and stop the
-run or are skipped with a logged count (``on_bad_rows``), exactly like text data (:mod:`mmpref.data.text`).
+run or are skipped with a logged count (``on_bad_rows``), exactly like text data (:mod:`mmpref.data.validation`).
 
-Transform (diffusers' Diffusion-DPO scripts): the rejected image is first resized to the chosen image's
-size, then both are resized together so the shorter side is ``resolution`` (bilinear), cropped to a square
-(center crop, or one random crop shared by the pair), and scaled to [-1, 1]. SDXL's micro-conditioning
-takes the chosen image's original (h, w) and the crop's top-left corner.
-
-Random flips: the pair is flipped together. With cached latents both orientations are encoded once
-(twice the cache, no VAE call during training) and a flip picks the mirrored latents; a random crop is
-drawn once per row when the cache is built (seeded), so with caching it is fixed per row.
+A streamed split is read by :class:`mmpref.data.image_stream.ImageStream`; a decoded pair becomes model inputs
+(the training transform, CLIP embeddings) in :mod:`mmpref.data.image_inputs`.
 """
 
 from __future__ import annotations
@@ -36,7 +30,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import warnings
 from array import array
 from collections.abc import Sequence
@@ -46,19 +39,14 @@ from typing import Any
 
 import datasets
 import numpy as np
-import torch
 from PIL import Image
 
-from mmpref.data.text import (
-    ROWS_PER_BATCH,
-    BadRow,
-    DataError,
-    _text_problem,
-    bad_rows_error,
-    open_rows,
-    score_problem,
-)
-from mmpref.hub import folder_fingerprint, load_open_clip, open_clip_name
+from mmpref.data.errors import BadRow, DataError
+from mmpref.data.sources import open_rows
+from mmpref.data.splits import ROWS_PER_BATCH
+from mmpref.data.text_checks import text_problem
+from mmpref.data.validation import bad_rows_error, score_problem
+from mmpref.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +88,7 @@ class ImageRows:
     images) ran when the rows were opened (:func:`prepare_image_dataset`); images are checked when first read
     (:meth:`load`), and a bad one raises :class:`BadImageRow`.
 
-    ``identity`` says what the rows are (:func:`mmpref.data.text.rows_identity`): with a row number it keys
+    ``identity`` says what the rows are (:func:`mmpref.data.sources.rows_identity`): with a row number it keys
     every cache derived from a row. ``bad`` / ``skipped`` / ``ties``: rows dropped by the cheap checks
     (``on_bad_rows: skip``; the list and its length) and tied rows (``label_0`` = 0.5), dropped by design.
     """
@@ -178,7 +166,7 @@ class ImageRows:
         row = int(self.rows[i])
         rec = self._images[row]
         problems: list[str] = []
-        _, _, images = _read_images(rec["jpg_0"], rec["jpg_1"], self.base, self.confine_to, problems)
+        _, _, images = read_pair_images(rec["jpg_0"], rec["jpg_1"], self.base, self.confine_to, problems)
         if problems:
             raise BadImageRow(self.source, row, "; ".join(problems))
         order = (0, 1) if rec["label_0"] == 1 else (1, 0)
@@ -304,11 +292,11 @@ def _decode(data: bytes) -> tuple[Image.Image | None, str | None]:
         return None, f"does not decode as an image ({type(exc).__name__}: {exc})"
 
 
-def _caption_label_problems(caption: Any, label: Any) -> list[str]:
+def caption_label_problems(caption: Any, label: Any) -> list[str]:
     """What is wrong with a row's caption and label (the checks that read no image)."""
     reasons = []
     if isinstance(caption, str) or caption is None:
-        if problem := _text_problem("caption", caption):
+        if problem := text_problem("caption", caption):
             reasons.append(problem)
     else:
         reasons.append(f"'caption' must be a string, got {type(caption).__name__}")
@@ -334,12 +322,12 @@ def image_row_problems(
     Total over any input: whatever the values, it returns reasons and never raises. Every image is
     decoded here, so a corrupt file is a bad row before training, not a crash at step N.
     """
-    reasons = _caption_label_problems(caption, label)
-    refs, blobs, _ = _read_images(jpg_0, jpg_1, base, confine_to, reasons)
+    reasons = caption_label_problems(caption, label)
+    refs, blobs, _ = read_pair_images(jpg_0, jpg_1, base, confine_to, reasons)
     return reasons, refs, blobs
 
 
-def _read_images(jpg_0: Any, jpg_1: Any, base: Path, confine_to: Path | None,
+def read_pair_images(jpg_0: Any, jpg_1: Any, base: Path, confine_to: Path | None,
                  reasons: list[str]) -> tuple[list[ImageRef | None], list[bytes | None], list[Image.Image | None]]:  # fmt: skip
     """(references, bytes, decoded RGB images) of one row's two image cells, each read and decoded once; their
     problems are appended to ``reasons``, and two identical images are one more when ``reasons`` has none."""
@@ -386,7 +374,7 @@ def prepare_image_dataset(
     rdpo: ``needs_scores`` requires them, ``chosen_scores_higher`` also the preferred image's score above the
     other's (ODPO's log(s_w − s_l)).
 
-    ``source``, ``config_name``, ``split``, ``revision``: as :func:`mmpref.data.text.open_rows` takes them
+    ``source``, ``config_name``, ``split``, ``revision``: as :func:`mmpref.data.sources.open_rows` takes them
     (an in-memory ``datasets.Dataset`` or list of dicts too). ``image_root`` and ``confine_image_paths``:
     where relative image paths start and whether paths must stay there (module docstring).
     """
@@ -448,14 +436,16 @@ def _remembered_checks(ds: datasets.Dataset, src, has_scores: bool, chosen_score
     except (OSError, KeyError, ValueError):  # not there yet, or unreadable: check again
         pass
     rows, bad, ties = _cheap_checks(ds, has_scores, chosen_scores_higher)
-    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
-    try:
-        with open(tmp, "wb") as f:
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
             np.savez(f, rows=rows, ties=np.int64(ties), bad_rows=np.array([b.row for b in bad], dtype=np.int64),
                      bad_reasons=np.array([b.reason for b in bad], dtype=str))  # fmt: skip
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, save)
     except OSError:  # a read-only cache folder only costs the checks next time
-        Path(tmp).unlink(missing_ok=True)
+        pass
     return rows, bad, ties
 
 
@@ -488,7 +478,7 @@ def _cheap_checks(ds: datasets.Dataset, has_scores: bool, chosen_scores_higher: 
     return np.sort(np.frombuffer(usable, dtype=np.int64)), bad, ties
 
 
-# INVISIBLE of mmpref.data.text in RE2's syntax, for Arrow's regular expressions
+# INVISIBLE of mmpref.data.text_checks in RE2's syntax, for Arrow's regular expressions
 INVISIBLE_RE2 = ("[\\x{00}-\\x{08}\\x{0b}\\x{0c}\\x{0e}-\\x{1f}\\x{7f}-\\x{9f}\\x{ad}\\x{180e}\\x{200b}-\\x{200f}"
                  "\\x{202a}-\\x{202e}\\x{2060}-\\x{2064}\\x{2066}-\\x{206f}\\x{feff}]")
 
@@ -521,7 +511,7 @@ def _plainly_fine(batch, has_scores: bool, chosen_scores_higher: bool) -> np.nda
 def _row_problems(row: dict, images_present: list[bool], has_scores: bool, chosen_scores_higher: bool) -> list[str]:
     """Every problem of one row that reading no image can find (a row :func:`_plainly_fine` did not accept)."""
     label = row["label_0"]
-    reasons = _caption_label_problems(row["caption"], label)
+    reasons = caption_label_problems(row["caption"], label)
     reasons += [f"{c!r} missing" for c, present in zip(("jpg_0", "jpg_1"), images_present) if not present]
     if has_scores:
         raw = [row[c] for c in IMAGE_SCORE_COLUMNS]
@@ -535,174 +525,7 @@ def _row_problems(row: dict, images_present: list[bool], has_scores: bool, chose
     return reasons
 
 
-class ImageStream(torch.utils.data.IterableDataset):
-    """A streamed image split (``streaming: true``): rows checked as they arrive, yielded as decoded pairs.
-
-    Each epoch reshuffles the stream (``datasets``' shard shuffle plus a ``buffer``-row buffer, seeded by
-    ``seed`` and the epoch) and each of ``world`` processes reads its own shards
-    (``split_dataset_by_node``). A stream has no row numbers of its own: ``ImagePair.row`` counts the rows
-    this process read in this epoch, and messages name the caption too. A bad row raises
-    :class:`BadImageRow` (``on_bad_rows: error``) or goes to ``on_bad(exc)`` and is left out (``skip``).
-    """
-
-    def __init__(self, ds: datasets.IterableDataset, *, source: str, base: Path, confine_to: Path | None,
-                 seed: int, buffer: int, rank: int, world: int, on_bad_rows: str, on_bad=None):  # fmt: skip
-        missing = [c for c in IMAGE_COLUMNS if ds.column_names is not None and c not in ds.column_names]
-        if missing:
-            raise DataError(f"{source}: missing columns {', '.join(missing)} (found: {', '.join(ds.column_names)}); "
-                            "image preference data needs caption, jpg_0, jpg_1 and label_0")  # fmt: skip
-        for column in ("jpg_0", "jpg_1"):
-            if ds.features is not None and isinstance(ds.features.get(column), datasets.Image):
-                ds = ds.cast_column(column, datasets.Image(decode=False))
-        self.ds, self.source, self.base, self.confine_to = ds, source, base, confine_to
-        self.seed, self.buffer, self.rank, self.world = seed, buffer, rank, world
-        self.on_bad_rows, self.on_bad = on_bad_rows, on_bad
-        self.epoch = 0
-        self.has_scores = ds.column_names is not None and all(c in ds.column_names for c in IMAGE_SCORE_COLUMNS)
-
-    def for_epoch(self, epoch: int) -> ImageStream:
-        out = copy.copy(self)
-        out.epoch = epoch
-        return out
-
-    def __iter__(self):
-        from datasets.distributed import split_dataset_by_node
-
-        ds = self.ds.shuffle(seed=self.seed, buffer_size=self.buffer)
-        ds.set_epoch(self.epoch)
-        if self.world > 1:
-            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
-        for row, rec in enumerate(ds):
-            label = rec.get("label_0")
-            reasons = _caption_label_problems(rec.get("caption"), label)
-            scores = None
-            if self.has_scores and not reasons:
-                raw = [rec.get(c) for c in IMAGE_SCORE_COLUMNS]
-                reasons += [r for c, v in zip(IMAGE_SCORE_COLUMNS, raw) if (r := score_problem(c, v))]
-                scores = None if reasons or label == 0.5 else ((raw[0], raw[1]) if label == 1 else (raw[1], raw[0]))
-            if not reasons and label == 0.5:
-                continue  # a tie: no preference to learn
-            images = []
-            if not reasons:
-                _, _, images = _read_images(rec["jpg_0"], rec["jpg_1"], self.base, self.confine_to, reasons)
-            if reasons:
-                exc = BadImageRow(self.source, row, f"caption {str(rec.get('caption'))[:60]!r}: " + "; ".join(reasons))
-                if self.on_bad_rows == "error":
-                    raise exc
-                if self.on_bad is not None:
-                    self.on_bad(exc)
-                continue
-            order = (0, 1) if label == 1 else (1, 0)
-            yield ImagePair(row, rec["caption"], images[order[0]], images[order[1]], scores)
-
-
 def validate_image_data(rows: ImageRows) -> list[BadRow]:
     """Every bad row of an opened dataset: those the cheap checks dropped are already counted in
     ``rows.skipped``; this reads and decodes every image (``mmpref validate-data``)."""
     return rows.find_bad(desc=f"check images of {rows.source}")
-
-
-# --------------------------------------------------------------------------------------- transform
-
-
-@dataclass
-class PairPixels:
-    pixels: torch.Tensor  # (2, 3, R, R) in [-1, 1]: chosen, rejected
-    original_size: tuple[int, int]  # (h, w) of the chosen image
-    crop_top_left: tuple[int, int]  # (top, left) in the resized image, mirrored when flipped
-    mirrored_left: int  # the crop's left edge in the mirrored resized image (what a flip reports)
-
-
-def pair_pixels(
-    pair: ImagePair,
-    resolution: int,
-    *,
-    center_crop: bool = True,
-    flip: bool = False,
-    generator: torch.Generator | None = None,
-) -> PairPixels:
-    """The training transform of one pair (module docstring): joint resize, crop, optional flip."""
-    chosen, rejected = load_image(pair.chosen), load_image(pair.rejected)
-    w0, h0 = chosen.size
-    if rejected.size != chosen.size:
-        rejected = rejected.resize((w0, h0), Image.BILINEAR)
-    scale = resolution / min(w0, h0)
-    w, h = max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))
-    if center_crop:
-        top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
-    else:
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-    box = (left, top, left + resolution, top + resolution)
-    arrays = [
-        np.asarray(im.resize((w, h), Image.BILINEAR).crop(box), dtype=np.float32) for im in (chosen, rejected)
-    ]
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-    # diffusers' SDXL scripts flip before cropping, so a flipped pair's crop_top_left is measured in the mirrored
-    # image: the same pixels as this crop-then-flip, with the left edge at w - resolution - left
-    mirrored = w - resolution - left
-    if flip:
-        pixels = pixels.flip(-1)
-    return PairPixels(pixels.contiguous(), (h0, w0), (top, mirrored if flip else left), mirrored)
-
-
-# ---------------------------------------------------------------------------------- CLIP embeddings
-
-EMBEDDING_MODES = ("text", "image", "image+text")
-
-
-def _identity(path: str | None) -> Any:
-    """A CLIP model name or weights file for cache keys: local paths by their files, names as they are."""
-    if path is None:
-        return None
-    p = Path(path.removeprefix("local-dir:"))
-    return [str(p.resolve()), folder_fingerprint(p)] if p.exists() else path
-
-
-class PairEmbedder:
-    """L2-normalised CLIP embeddings of image pairs, one per image (chosen, rejected), for Diffusion-RPO.
-
-    ``mode``: ``text`` (the caption's embedding, the same for both images), ``image`` (each image's), or
-    ``image+text`` (the normalised mean of the two normalised embeddings: the default, mmpref's reading of
-    Diffusion-RPO). open_clip loads on the first call, so a run whose embeddings are all cached never loads
-    it. :attr:`identity` names the model, its weights and the mode, for cache keys.
-    """
-
-    def __init__(self, model: str | None, weights: str | None = None, mode: str = "image+text",
-                 device: str | torch.device = "cpu"):  # fmt: skip
-        if mode not in EMBEDDING_MODES:
-            raise ValueError(f"mode: must be one of {', '.join(EMBEDDING_MODES)}, got {mode!r}")
-        if model is None:
-            raise DataError(
-                "rpo.clip_model: Diffusion-RPO weights contrasts by CLIP similarity and needs an open_clip model: "
-                "a local-dir: folder, or an architecture name plus rpo.clip_weights (a local checkpoint); "
-                "or use rpo.mode=diagonal, which needs no embeddings"
-            )
-        self.model, self.weights, self.mode, self.device = model, weights, mode, device
-        self.identity = json.dumps([_identity(open_clip_name("rpo.clip_model", model)), _identity(weights), mode])
-        self._clip = None
-
-    def __call__(self, pairs: Sequence[ImagePair], batch_size: int = 32) -> torch.Tensor:
-        """(len(pairs), 2, D) float32 on the CPU."""
-        if self._clip is None:
-            self._clip = load_open_clip(self.model, self.weights, self.device)
-        clip, preprocess, tokenizer = self._clip
-        norm, device = torch.nn.functional.normalize, self.device
-        text = image = None
-        with torch.no_grad():
-            if self.mode != "image":
-                captions = list(dict.fromkeys(p.caption for p in pairs))
-                parts = [clip.encode_text(tokenizer(captions[i : i + batch_size]).to(device)).float()
-                         for i in range(0, len(captions), batch_size)]  # fmt: skip
-                where = {c: k for k, c in enumerate(captions)}
-                per_caption = norm(torch.cat(parts), dim=-1)
-                text = per_caption[torch.tensor([where[p.caption] for p in pairs])][:, None].expand(-1, 2, -1)
-            if self.mode != "text":
-                refs = [r for p in pairs for r in (p.chosen, p.rejected)]
-                parts = []
-                for i in range(0, len(refs), batch_size):
-                    batch = torch.stack([preprocess(load_image(r)) for r in refs[i : i + batch_size]]).to(device)
-                    parts.append(clip.encode_image(batch).float())
-                image = norm(torch.cat(parts), dim=-1).view(len(pairs), 2, -1)
-        emb = text if image is None else image if text is None else norm((text + image) / 2, dim=-1)
-        return emb.cpu().contiguous()

@@ -24,7 +24,6 @@ back in a later epoch. Chunks are memory-mapped (``safetensors.safe_open``) and 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -34,24 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from mmpref.files import atomic_save
 
 EXTRA = "extra.safetensors"
 MAX_OPEN = 32  # chunk files held open at once (least recently used closed first)
 SCAN_INTERVAL = 1.0  # seconds between looks for other processes' chunks (a miss meanwhile is encoded here)
-
-
-def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file written under a temporary name and renamed into place: complete or absent."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _stored(t: Tensor) -> Tensor:

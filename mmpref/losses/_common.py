@@ -1,14 +1,20 @@
-"""Argument checks and the result object shared by the loss functions."""
+"""Tensor checks, length normalisation, reward metrics and the result object shared by the losses.
+
+The core checks tensors only (shapes, dtypes, finiteness, token counts, probabilities); the ranges of
+scalar parameters (β > 0, ε ∈ [0, 0.5), τ > 0, α ∈ [0, 1]) are :meth:`mmpref.losses.Objective.problems`'s.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from mmpref.losses.pairwise import LOSS_TYPES
+
+LENGTH_NORMALISED = ("ipo", "simpo")  # compare per-token values ℓ/|y|
+REFERENCE_FREE = ("simpo",)  # ℓ is the policy's own log-prob; its rewards are the per-token values
 
 
 @dataclass
@@ -30,11 +36,6 @@ def mean_or_zero(x: Tensor) -> Tensor:
     return x.mean() if x.numel() else x.sum() * 0.0
 
 
-def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
-
-
 def check_tensor(name: str, t: Tensor, *, ndim: int, size: int | None = None, dim: int = 0) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -51,20 +52,13 @@ def check_tensor(name: str, t: Tensor, *, ndim: int, size: int | None = None, di
 def check_loss_args(
     loss_type: str,
     *,
-    beta: float,
-    label_smoothing: float,
     offsets: Tensor | None,
     label_probs: Tensor | None,
     shape: tuple[int, ...],
 ) -> None:
-    """Checks the arguments of one pairwise loss; ``shape`` is that of the h it will see."""
+    """Checks the tensors one pairwise loss needs; ``shape`` is that of the h it will see."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type: unknown {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-    check_positive("beta", beta)
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 0.5):
-        raise ValueError(f"label_smoothing: must be in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing and loss_type not in ("robust", "cdpo"):
-        raise ValueError(f"label_smoothing: only used by loss_type 'robust' and 'cdpo', not {loss_type!r}")
     if loss_type == "odpo":
         if offsets is None:
             raise ValueError("offsets: required for loss_type 'odpo' (Δ_r = α·log(s_w − s_l) per pair)")
@@ -97,18 +91,33 @@ def tie_accuracy(margins: Tensor) -> Tensor:
     return (margins > 0).float() + 0.5 * (margins == 0).float()
 
 
-def reward_metrics(beta: float, chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
-    """rewards/* of TRL: β·ℓ per side, margins and accuracies (ties count 0.5) over matched pairs.
+def per_token(loss_type: str, values: Tensor, lengths: Tensor | None) -> Tensor:
+    """ℓ/|y| for the losses that compare per-token values (ipo, simpo) when token counts are given, else ℓ.
 
-    Pass the values the loss compares: SimPO's length-averaged log-probs, ℓ otherwise.
+    IPO (Azar et al. 2023) and SimPO (Meng et al. 2024) average over the response's tokens; diffusion
+    has no token counts and passes none.
+    """
+    return values / lengths if loss_type in LENGTH_NORMALISED and lengths is not None else values
+
+
+def reward_metrics(
+    beta: float, chosen: Tensor, rejected: Tensor, *, cross: bool = False
+) -> dict[str, Tensor]:
+    """rewards/* of TRL: β·v per side, margins β·(v_w − v_l) and accuracies (ties count 0.5).
+
+    Pass the values the loss compares, v: SimPO's length-averaged log-probs, ℓ otherwise. Margins are
+    over matched pairs (row i with row i), or with ``cross`` over every chosen × rejected pair (unpaired
+    rows). A side with no samples has no rewards, and then there are no margins nor accuracies.
     """
     with torch.no_grad():
-        rc, rr = beta * chosen.detach(), beta * rejected.detach()
-        margins = rc - rr
-        acc = tie_accuracy(margins)
-        return {
-            "rewards/chosen": rc.mean(),
-            "rewards/rejected": rr.mean(),
-            "rewards/margins": margins.mean(),
-            "rewards/accuracies": acc.mean(),
-        }
+        c, r = chosen.detach(), rejected.detach()
+        metrics = {}
+        if c.numel():
+            metrics["rewards/chosen"] = (beta * c).mean()
+        if r.numel():
+            metrics["rewards/rejected"] = (beta * r).mean()
+        if c.numel() and r.numel():
+            margins = beta * (c[:, None] - r[None, :] if cross else c - r)
+            metrics["rewards/margins"] = margins.mean()
+            metrics["rewards/accuracies"] = tie_accuracy(margins).mean()
+        return metrics

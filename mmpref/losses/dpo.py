@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from mmpref.losses._common import (
+    REFERENCE_FREE,
     PreferenceLossOutput,
     check_lengths,
     check_loss_args,
     check_tensor,
     mean_or_zero,
+    per_token,
     reward_metrics,
 )
 from mmpref.losses.pairwise import pairwise_loss
@@ -50,27 +52,19 @@ def dpo_loss(
     Returns a :class:`PreferenceLossOutput`; ``metrics`` holds rewards/chosen (β·ℓ_w),
     rewards/rejected (β·ℓ_l), rewards/margins and rewards/accuracies (ties count 0.5); for ``simpo``
     the rewards are β times the length-averaged log-probs the loss compares.
+
+    Only the tensors are checked here; the scalars are taken as :meth:`mmpref.losses.Objective.problems`
+    passes them (β > 0, ε ∈ [0, 0.5) and used by robust / cdpo only).
     """
     check_tensor("chosen_logratios", chosen_logratios, ndim=1)
     n = chosen_logratios.shape[0]
     check_tensor("rejected_logratios", rejected_logratios, ndim=1, size=n)
-    check_loss_args(
-        loss_type,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        offsets=offsets,
-        label_probs=label_probs,
-        shape=(n,),
-    )
+    check_loss_args(loss_type, offsets=offsets, label_probs=label_probs, shape=(n,))
     check_lengths("chosen_lengths", chosen_lengths, n)
     check_lengths("rejected_lengths", rejected_lengths, n)
 
-    chosen, rejected = chosen_logratios, rejected_logratios
-    if loss_type in ("ipo", "simpo"):
-        if chosen_lengths is not None:
-            chosen = chosen / chosen_lengths
-        if rejected_lengths is not None:
-            rejected = rejected / rejected_lengths
+    chosen = per_token(loss_type, chosen_logratios, chosen_lengths)
+    rejected = per_token(loss_type, rejected_logratios, rejected_lengths)
     per_pair = pairwise_loss(
         chosen - rejected,
         beta=beta,
@@ -80,10 +74,8 @@ def dpo_loss(
         gamma=gamma,
         label_probs=label_probs,
     )
+    # SimPO's rewards are its length-averaged log-probs (as TRL's CPO/SimPO trainer logs them)
+    shown = (chosen, rejected) if loss_type in REFERENCE_FREE else (chosen_logratios, rejected_logratios)
     return PreferenceLossOutput(
-        loss=mean_or_zero(per_pair),
-        per_pair=per_pair,
-        # SimPO's rewards are its length-averaged log-probs (as TRL's CPO/SimPO trainer logs them)
-        metrics=reward_metrics(beta, *((chosen, rejected) if loss_type == "simpo" else
-                                       (chosen_logratios, rejected_logratios))) if n else {},  # fmt: skip
+        loss=mean_or_zero(per_pair), per_pair=per_pair, metrics=reward_metrics(beta, *shown)
     )

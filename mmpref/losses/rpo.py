@@ -7,14 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmpref.losses._common import (
+    REFERENCE_FREE,
     PreferenceLossOutput,
     check_lengths,
     check_loss_args,
-    check_positive,
     check_tensor,
     mean_or_zero,
+    per_token,
     reward_metrics,
-    tie_accuracy,
 )
 from mmpref.losses.pairwise import pairwise_loss
 
@@ -64,7 +64,11 @@ def rpo_loss(
     given per contrast as B × B' matrices. ``ipo`` / ``simpo`` divide ℓ by the lengths first.
 
     A side with no samples gives a zero loss that keeps a grad path. ``per_pair`` holds the
-    loss per chosen row. ``metrics`` adds ``rpo/diagonal_weight`` (mean w_ii, paired mode).
+    loss per chosen row. ``metrics`` adds ``rpo/diagonal_weight`` (mean w_ii, paired mode); in
+    ``unpaired`` mode the reward margins and accuracies are over every chosen × rejected pair.
+
+    Only the tensors are checked here; the scalars are taken as :meth:`mmpref.losses.Objective.problems`
+    passes them (β > 0, τ > 0, α ∈ [0, 1]).
     """
     if mode not in RPO_MODES:
         raise ValueError(f"mode: unknown {mode!r}; choose one of {', '.join(RPO_MODES)}")
@@ -75,17 +79,7 @@ def rpo_loss(
         raise ValueError(
             f"rejected_logratios: mode {mode!r} needs as many rejected as chosen samples ({b}), got {b2}"
         )
-    check_positive("temperature", temperature)
-    if not 0.0 <= diagonal_weight <= 1.0:
-        raise ValueError(f"diagonal_weight: must be in [0, 1], got {diagonal_weight!r}")
-    check_loss_args(
-        base_loss,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        offsets=offsets,
-        label_probs=label_probs,
-        shape=(b, b2),
-    )
+    check_loss_args(base_loss, offsets=offsets, label_probs=label_probs, shape=(b, b2))
     check_lengths("chosen_lengths", chosen_lengths, b)
     check_lengths("rejected_lengths", rejected_lengths, b2)
 
@@ -105,20 +99,14 @@ def rpo_loss(
             raise ValueError("rejected_embeddings: embedding width differs from chosen_embeddings")
         weights = contrast_weights(chosen_embeddings, rejected_embeddings, temperature)
 
-    chosen, rejected = chosen_logratios, rejected_logratios
-    if base_loss in ("ipo", "simpo"):
-        if chosen_lengths is not None:
-            chosen = chosen / chosen_lengths
-        if rejected_lengths is not None:
-            rejected = rejected / rejected_lengths
+    chosen = per_token(base_loss, chosen_logratios, chosen_lengths)
+    rejected = per_token(base_loss, rejected_logratios, rejected_lengths)
+    # the values the loss compares: SimPO's length-averaged log-probs, ℓ otherwise
+    shown = (chosen, rejected) if base_loss in REFERENCE_FREE else (chosen_logratios, rejected_logratios)
+    metrics = reward_metrics(beta, *shown, cross=mode == "unpaired")
 
     if b == 0 or b2 == 0:
         zero = chosen.sum() * 0.0 + rejected.sum() * 0.0
-        metrics = {}
-        if b:
-            metrics["rewards/chosen"] = (beta * chosen_logratios.detach()).mean()
-        if b2:
-            metrics["rewards/rejected"] = (beta * rejected_logratios.detach()).mean()
         return PreferenceLossOutput(loss=zero, per_pair=chosen * 0.0, metrics=metrics)
 
     contrast = chosen[:, None] - rejected[None, :]
@@ -140,20 +128,6 @@ def rpo_loss(
         per_row = per.diagonal()
     else:
         per_row = per.mean(1)
-
-    # the values the loss compares: SimPO's length-averaged log-probs, ℓ otherwise
-    shown_w, shown_l = (chosen, rejected) if base_loss == "simpo" else (chosen_logratios, rejected_logratios)
-    if mode == "unpaired":
-        with torch.no_grad():
-            margins = beta * (shown_w[:, None] - shown_l[None, :]).detach()
-            metrics = {
-                "rewards/chosen": (beta * shown_w.detach()).mean(),
-                "rewards/rejected": (beta * shown_l.detach()).mean(),
-                "rewards/margins": margins.mean(),
-                "rewards/accuracies": tie_accuracy(margins).mean(),
-            }
-    else:
-        metrics = reward_metrics(beta, shown_w, shown_l)
     if weights is not None and mode == "paired":
         metrics["rpo/diagonal_weight"] = weights.detach().diagonal().mean()
     return PreferenceLossOutput(loss=mean_or_zero(per_row), per_pair=per_row, metrics=metrics)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from mmpref.files import atomic_save
 from mmpref.hub import file_sha256, load_open_clip, open_clip_name
 
 __all__ = [
@@ -212,9 +212,9 @@ class FeatureEmbedder:
 class EmbeddingCache:
     """Content-addressed store: ``root/<kind>/<key[:2]>/<key>.safetensors`` holding one float32 vector.
 
-    Writes go to a temporary file in the same folder and are moved into place with ``os.replace``, so a
-    reader never sees a partial file and concurrent writers of the same key are harmless. An unreadable entry
-    counts as a miss.
+    Writes go through :func:`mmpref.files.atomic_save` (a temporary file in the same folder renamed into place),
+    so a reader never sees a partial file and concurrent writers of the same key are harmless. An unreadable
+    entry counts as a miss.
     """
 
     def __init__(self, root: str | Path):
@@ -235,18 +235,7 @@ class EmbeddingCache:
             return None
 
     def put(self, kind: str, key: str, emb: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        path = self._path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"embedding": emb.detach().float().cpu().contiguous()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_save({"embedding": emb.detach().float().cpu()}, self._path(kind, key))
 
 
 def default_cache_dir() -> Path:

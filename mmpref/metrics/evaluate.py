@@ -28,11 +28,13 @@ from pathlib import Path
 
 import torch
 
+from mmpref.devices import resolve_device
+from mmpref.files import atomic_write, atomic_write_text
 from mmpref.metrics.stats import DEFAULT_RESAMPLES, MetricResult, mean_with_ci, win_rate
 
 __all__ = [
     "ImageEvaluation",
-    "ImagePair",
+    "ReferenceTrainedPair",
     "ScorerComparison",
     "compare_scores",
     "contact_sheet",
@@ -44,8 +46,9 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ImagePair:
-    """One prompt's image from each side."""
+class ReferenceTrainedPair:
+    """The two image files of one prompt in ``mmpref eval images``: the reference model's and the trained one's
+    (not a training pair: that is :class:`mmpref.data.images.ImagePair`, chosen vs rejected)."""
 
     name: str
     prompt: str
@@ -106,7 +109,7 @@ def _folder_prompts(folder: Path) -> dict[str, str] | None:
 
 def pair_folders(
     reference: str | Path, trained: str | Path, prompts: str | Path | None = None
-) -> tuple[list[ImagePair], list[str], list[str]]:
+) -> tuple[list[ReferenceTrainedPair], list[str], list[str]]:
     """The image pairs of two folders, matched by file name, with their prompts.
 
     Prompts come from ``prompts`` (any format of :func:`mmpref.metrics.report.read_prompts`) or else from each
@@ -140,7 +143,7 @@ def pair_folders(
     missing = [n for n in shared if n not in by_name]
     if missing:
         raise StyleInputError(f"{missing[0]} (and {len(missing) - 1} more) has no prompt")
-    pairs = [ImagePair(n, by_name[n], ref[n], tr[n]) for n in shared]
+    pairs = [ReferenceTrainedPair(n, by_name[n], ref[n], tr[n]) for n in shared]
     return pairs, sorted(ref.keys() - tr.keys()), sorted(tr.keys() - ref.keys())
 
 
@@ -155,7 +158,7 @@ def _score_files(scorer, paths: Sequence[Path], prompts: Sequence[str], chunk: i
 
 def evaluate_images(
     scorers: Mapping[str, object],
-    pairs: Sequence[ImagePair],
+    pairs: Sequence[ReferenceTrainedPair],
     n_resamples: int = DEFAULT_RESAMPLES,
     confidence: float = 0.95,
     seed: int = 0,
@@ -190,7 +193,10 @@ def markdown_table(results: Mapping[str, ScorerComparison]) -> str:
 
 
 def contact_sheet(
-    pairs: Sequence[ImagePair], results: Mapping[str, ScorerComparison], cell: int = 160, max_rows: int = 16
+    pairs: Sequence[ReferenceTrainedPair],
+    results: Mapping[str, ScorerComparison],
+    cell: int = 160,
+    max_rows: int = 16,
 ):
     """The pairs as rows (prompt, reference, trained; the style of :func:`mmpref.training.sampling.image_grid`),
     each image captioned with its scores, the higher of each pair marked ``*``. At most ``max_rows`` pairs."""
@@ -220,13 +226,6 @@ def contact_sheet(
     return sheet
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------------- folders to a report
 
 
@@ -236,7 +235,7 @@ class ImageEvaluation:
 
     reference: Path
     trained: Path
-    pairs: list[ImagePair]
+    pairs: list[ReferenceTrainedPair]
     results: dict[str, ScorerComparison]
     only_in_reference: list[str]
     only_in_trained: list[str]
@@ -273,7 +272,6 @@ def run_eval_images(
     """
     from mmpref.metrics.report import StyleInputError
     from mmpref.metrics.scorers import SCORERS, load_scorer, parse_scorer_models
-    from mmpref.rdpo.generation import resolve_device
 
     if samples is not None and (reference or trained):
         raise StyleInputError("give a `mmpref sample` folder or --reference and --trained, not both")
@@ -311,13 +309,12 @@ def run_eval_images(
         out / "eval_images.md",
         out / "eval_images.json",
     )
-    _atomic_write(
+    atomic_write(
         sheet_path, lambda p: contact_sheet(pairs, results, max_rows=sheet_rows).save(p, format="PNG")
     )
     formulas = "\n".join(f"- {n}: {SCORERS[n].formula}" for n in results)
-    _atomic_write(table_path, lambda p: p.write_text(
-        f"{len(pairs)} prompts; trained `{trained}` vs reference `{reference}`\n\n{table}\n\n{formulas}\n",
-        encoding="utf-8"))  # fmt: skip
+    heading = f"{len(pairs)} prompts; trained `{trained}` vs reference `{reference}`"
+    atomic_write_text(table_path, f"{heading}\n\n{table}\n\n{formulas}\n")
     report = {
         "command": "eval images",
         "reference": str(reference),
@@ -333,7 +330,6 @@ def run_eval_images(
         "table": str(table_path),
         "contact_sheet": str(sheet_path),
     }  # fmt: skip
-    _atomic_write(report_path, lambda p: p.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                                                      encoding="utf-8"))  # fmt: skip
+    atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return ImageEvaluation(reference, trained, pairs, results, only_ref, only_tr, table, report_path, table_path,
                            sheet_path)  # fmt: skip

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from mmpref.devices import resolve_device
+from mmpref.files import atomic_write, atomic_write_text
 from mmpref.metrics.clip_embedder import (
     BadImageError,
     ClipEmbedder,
@@ -364,18 +366,12 @@ def write_contact_sheet(rows: Sequence[dict], out_path: str | Path, k: int = 8, 
             caption = f"{row['style_score']:.3f}  {Path(row['path']).name[:max_chars]}"
             sheet.paste(_thumbnail_cell(Path(row["path"]), caption, thumb), (label_w + j * (thumb + 4), y))
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    sheet.save(tmp, format="PNG")  # renamed into place: never a half-written sheet under its name
-    tmp.replace(out_path)
+    atomic_write(out_path, lambda tmp: sheet.save(tmp, format="PNG"))  # never half a sheet under its name
     return out_path
 
 
 def _write_json(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------- folders to a report
@@ -399,13 +395,10 @@ class ClipOptions:
     use_cache: bool = True
 
     def embedder(self) -> ClipEmbedder:
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         return ClipEmbedder(
             self.model,
             pretrained=self.weights,
-            device=device,
+            device=resolve_device(self.device),
             batch_size=self.batch_size,
             cache_dir=(self.cache_dir or default_cache_dir()) if self.use_cache else None,
         )

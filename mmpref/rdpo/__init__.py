@@ -19,11 +19,11 @@ _EXPORTS = {
     "SynthConfig": "config",
     "load_rdpo_config": "config",
     "RULES": "config",
+    "compare_rewards": "reward",
     "load_reward": "reward",
     "run_eval_reward": "reward",
     "run_eval_text": "reward",
     "run_score": "reward",
-    "win_rate": "reward",
     "run_synth": "synth",
     "make_tiny_reward_model": "tiny_models",
 }

@@ -1,4 +1,4 @@
-"""Shared pieces of synth and eval-reward: prompts, devices, and batched ``generate``."""
+"""Shared pieces of synth and eval-reward: prompts and batched ``generate`` (devices: :mod:`mmpref.devices`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from mmpref.data import DataError, load_rows
+from mmpref.devices import resolve_device
 from mmpref.hub import split_revision
 from mmpref.rdpo.config import GenerationConfig
 from mmpref.training.config import DTYPES, custom_code_guard
@@ -32,12 +33,6 @@ class Prompt:
 def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def text_id(value: Any) -> str:

@@ -24,10 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mmpref.data import DataError, load_rows, prompt_text, validate_rows
-from mmpref.data.text import bad_rows_error
+from mmpref.data.validation import bad_rows_error
+from mmpref.devices import resolve_device
+from mmpref.files import atomic_write_text
 from mmpref.hub import split_revision
-from mmpref.metrics.stats import MetricResult, mean_with_ci, win_outcomes
-from mmpref.metrics.stats import win_rate as stats_win_rate
+from mmpref.metrics.stats import MetricResult, mean_with_ci, win_outcomes, win_rate
 from mmpref.rdpo.config import RULE_PREFIX, RULES, EvalRewardConfig, RuleConfig, ScoreConfig
 from mmpref.rdpo.generation import (
     TORCH_DTYPES,
@@ -38,7 +39,6 @@ from mmpref.rdpo.generation import (
     derive_seed,
     load_pretrained,
     load_prompts,
-    resolve_device,
     text_id,
 )
 from mmpref.rdpo.jsonl import PartialAppender, read_done, resume_rows
@@ -328,7 +328,9 @@ def _render(gen: Generator, prompt: str | Messages, prompt_format: str) -> str:
 
 
 @dataclass
-class WinRate:
+class RewardComparison:
+    """One reward on policy vs reference answers (:func:`compare_rewards`); ``win_rate`` counts ties ½."""
+
     prompts: int
     samples_per_prompt: int
     wins: int
@@ -358,24 +360,26 @@ class WinRate:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def win_rate(
+def compare_rewards(
     policy_rewards: np.ndarray,
     reference_rewards: np.ndarray,
     *,
     bootstrap_samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
-) -> WinRate:
-    """Rewards are (prompts, samples) arrays; sample k of both sides shares a seed and a prompt.
+) -> RewardComparison:
+    """The policy's rewards against the reference's: wins / ties / losses, the win rate with its interval, and
+    each side's mean reward. Rewards are (prompts, samples) arrays; sample k of both sides shares a seed and a
+    prompt.
 
     Outcomes and interval are :func:`mmpref.metrics.stats.win_rate`'s: 1 / ½ / 0 per pair, the bootstrap
     resampling prompts (each prompt's mean outcome over its samples).
     """
     outcome = win_outcomes(torch.as_tensor(policy_rewards), torch.as_tensor(reference_rewards)).numpy()
-    result = stats_win_rate(
+    result = win_rate(
         policy_rewards, reference_rewards, n_resamples=bootstrap_samples, confidence=confidence, seed=seed
     )
-    return WinRate(
+    return RewardComparison(
         prompts=outcome.shape[0],
         samples_per_prompt=outcome.shape[1],
         wins=int((outcome == 1).sum()),
@@ -392,10 +396,10 @@ def win_rate(
 
 @dataclass
 class TextEvaluation:
-    """``mmpref eval text``: one :class:`WinRate` per reward, each side's mean answer length in tokens (over
-    prompts, with intervals) and, with a preference file, the held-out implicit reward accuracy."""
+    """``mmpref eval text``: one :class:`RewardComparison` per reward, each side's mean answer length in tokens
+    (over prompts, with intervals) and, with a preference file, the held-out implicit reward accuracy."""
 
-    rewards: dict[str, WinRate]
+    rewards: dict[str, RewardComparison]
     lengths: dict[str, MetricResult]
     implicit_accuracy: MetricResult | None = None
 
@@ -508,8 +512,9 @@ def run_eval_text(cfg: EvalRewardConfig, *, progress: bool = True) -> TextEvalua
         r_ref = np.array(reward.score(flat_prompts, [a for answers in reference for a in answers])).reshape(-1, k)
         reward.close()
         judged[spec] = (r_pol, r_ref)
-    results = {spec: win_rate(r_pol, r_ref, bootstrap_samples=cfg.bootstrap_samples, confidence=cfg.confidence,
-                              seed=cfg.generation.seed) for spec, (r_pol, r_ref) in judged.items()}  # fmt: skip
+    results = {spec: compare_rewards(r_pol, r_ref, bootstrap_samples=cfg.bootstrap_samples,
+                                     confidence=cfg.confidence, seed=cfg.generation.seed)
+               for spec, (r_pol, r_ref) in judged.items()}  # fmt: skip
     tokenizer = policy_tokenizer(cfg)
     tokens = {"policy": answer_tokens(tokenizer, policy), "reference": answer_tokens(tokenizer, reference)}
     lengths = {side: mean_with_ci(f"length_{side}", torch.as_tensor(t, dtype=torch.float64).mean(dim=1), **boot)
@@ -540,14 +545,12 @@ def run_eval_text(cfg: EvalRewardConfig, *, progress: bool = True) -> TextEvalua
         "prompts": records,
     }
     out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    tmp.replace(out)
-    (out.with_suffix(".md")).write_text(evaluation.markdown() + "\n", encoding="utf-8")
+    atomic_write_text(out, json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_text(out.with_suffix(".md"), evaluation.markdown() + "\n")
     return evaluation
 
 
-def run_eval_reward(cfg: EvalRewardConfig, *, progress: bool = True) -> WinRate:
-    """The first reward's :class:`WinRate` of :func:`run_eval_text` (``mmpref eval-reward``, kept as an alias)."""
+def run_eval_reward(cfg: EvalRewardConfig, *, progress: bool = True) -> RewardComparison:
+    """The first reward's :class:`RewardComparison` of :func:`run_eval_text` (``mmpref eval-reward``, kept as an
+    alias)."""
     return next(iter(run_eval_text(cfg, progress=progress).rewards.values()))

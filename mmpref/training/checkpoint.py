@@ -19,6 +19,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from mmpref.files import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -136,9 +138,7 @@ def rewind_metrics(metrics_file: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, metrics_file)
+    atomic_write_text(metrics_file, "".join(kept))
 
 
 class Checkpointer:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 import types
 import typing
 from contextlib import contextmanager
@@ -21,7 +19,7 @@ import torch
 import yaml
 
 from mmpref.errors import ConfigError as ConfigError  # re-exported: configs raise it
-from mmpref.losses import LOSS_TYPES, RPO_MODES
+from mmpref.losses import Objective
 
 
 @dataclass
@@ -170,9 +168,6 @@ class TrainConfig:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # torch_dtype names
 
 CHOICES = {
-    "loss.type": (*LOSS_TYPES, "rpo"),
-    "rpo.mode": RPO_MODES,
-    "rpo.base_loss": LOSS_TYPES,
     "optimizer": ("adamw", "rmsprop", "adafactor", "adamw8bit"),
     "modality": ("auto", "text", "diffusion"),
     "rpo.embedding": ("text", "image", "image+text"),
@@ -184,12 +179,12 @@ CHOICES = {
     "on_bad_rows": ("error", "skip"),
     "nonfinite": ("stop", "skip"),
 }
-POSITIVE = ("loss.beta", "rpo.temperature", "batch_size", "eval_batch_size",
+POSITIVE = ("batch_size", "eval_batch_size",
             "gradient_accumulation_steps", "learning_rate", "max_length", "max_prompt_length",
-            "loss.reward_temperature", "keep_checkpoints", "diffusion.resolution",
+            "keep_checkpoints", "diffusion.resolution",
             "diffusion.eval_noise_draws", "samples.num_inference_steps", "log_every", "shuffle_buffer")  # fmt: skip
-NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "loss.sft_weight", "eval_every", "save_every",
-                "loss.gamma", "max_skipped_steps", "lm_head_chunk_size")  # fmt: skip
+NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "save_every",
+                "max_skipped_steps", "lm_head_chunk_size")  # fmt: skip
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -261,8 +256,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
-    if not 0 <= cfg.loss.label_smoothing < 0.5:
-        raise ConfigError(f"loss.label_smoothing: must be in [0, 0.5), got {cfg.loss.label_smoothing!r}")
+    for problem in Objective.from_config(cfg.loss, cfg.rpo).problems():  # the loss and rpo sections
+        raise ConfigError(problem)
     if not 0 <= cfg.diffusion.prompt_dropout < 1:
         raise ConfigError(
             f"diffusion.prompt_dropout: must be in [0, 1), got {cfg.diffusion.prompt_dropout!r}"
@@ -301,12 +296,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if name != "none" and name not in trackers:
             raise ConfigError(f"report_to: {name!r} is not a tracker Accelerate knows; one or more of "
                               f"{', '.join(trackers)}, or none")  # fmt: skip
-    if cfg.rpo.global_batch and cfg.loss.type != "rpo":  # the loop scales the loss for RPO's gathered matrix only
-        raise ConfigError("rpo.global_batch: only for loss.type=rpo (its contrast matrix spans the processes)")
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise ConfigError("hub_model_id: push_to_hub needs the repository to upload to (ORG/NAME)")
-    if not 0 <= cfg.rpo.diagonal_weight <= 1:
-        raise ConfigError(f"rpo.diagonal_weight: must be in [0, 1], got {cfg.rpo.diagonal_weight!r}")
     if cfg.max_prompt_length >= cfg.max_length:
         raise ConfigError("max_prompt_length: must be smaller than max_length")
     if cfg.lora is not None:
@@ -325,112 +316,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def base_loss(loss: LossConfig, rpo: RPOConfig) -> str:
-    """The pairwise loss in use: ``loss.type``, or under RPO the ``rpo.base_loss`` on its contrast matrix."""
-    return rpo.base_loss if loss.type == "rpo" else loss.type
-
-
-# Which pairwise losses each modality's ℓ can feed. The diffusion ℓ = −½(‖ε−εθ‖² − ‖ε−εref‖²) is a log-ratio
-# with no log-likelihood of its own, so SimPO (reference-free, on the policy's log-probs) has nothing to
-# work on; odpo and rdpo take per-image scores from the data (score_0 / score_1), checked when they load.
-MODALITY_LOSSES = {"text": LOSS_TYPES, "diffusion": tuple(t for t in LOSS_TYPES if t != "simpo")}
-
-
-def score_checks(cfg: TrainConfig) -> dict[str, bool]:
-    """What the rows must carry for the loss (the data loaders' ``needs_scores`` / ``chosen_scores_higher``).
-
-    odpo and rdpo read a score per answer; ODPO's per-pair offset log(s_w − s_l) also needs s_w > s_l in every
-    row. Under RPO a cross pair's gap may be ≤ 0 whatever the rows hold: the objective clamps those.
-    """
-    base = base_loss(cfg.loss, cfg.rpo)
-    return {"needs_scores": base in ("odpo", "rdpo"), "chosen_scores_higher": base == "odpo" and cfg.loss.type != "rpo"}
-
-
-def check_diffusion_losses(cfg: TrainConfig) -> None:
-    """Refuse, before anything loads, what the diffusion ℓ cannot feed (:data:`MODALITY_LOSSES`), and the SFT
-    term (an NLL, which a UNet does not have)."""
-    if base_loss(cfg.loss, cfg.rpo) not in MODALITY_LOSSES["diffusion"]:
-        key = "rpo.base_loss" if cfg.loss.type == "rpo" else "loss.type"
-        raise ConfigError(f"{key}: {base_loss(cfg.loss, cfg.rpo)} needs the policy's own log-probs, which a "
-                          "diffusion UNet does not have (its ℓ is a difference of denoising errors); use one of "
-                          f"{', '.join(MODALITY_LOSSES['diffusion'])}")  # fmt: skip
-    if cfg.loss.sft_weight:
-        raise ConfigError("loss.sft_weight: the SFT term is a log-likelihood, which a diffusion UNet does not "
-                          "have; set it to 0 for diffusion")  # fmt: skip
-
-
-def model_source(cfg: TrainConfig):
-    """``model`` resolved (a :class:`mmpref.hub.ModelSource`): a folder or hub id holding a model of ``modality``."""
-    from mmpref import hub
-
-    markers = {"text": hub.TRANSFORMERS, "diffusion": hub.DIFFUSERS_PIPELINE}.get(cfg.modality, hub.ANY_MODEL)
-    return hub.resolve_model("model", cfg.model, revision=cfg.revision, markers=markers,
-                             what="a transformers model or a diffusers pipeline")  # fmt: skip
-
-
-DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
-
-
-def check_paths(cfg: TrainConfig, *, model_given: bool = False, data_given: bool = False):
-    """Before anything loads: every model key names a model (hub id or folder), local datasets exist and
-    ``output_dir`` takes files. Returns the resolved ``model`` (a :class:`mmpref.hub.ModelSource`), or None
-    when the model was ``model_given`` already loaded (the Python API); ``data_given``: the same for data.
-
-    A run that would fail on a path fails here, in a second, with the key to fix, and writes nothing.
-    """
-    from mmpref import hub
-
-    if not cfg.dataset and not data_given:
-        raise ConfigError("dataset: required (a hub dataset id, or a local file, folder or glob)")
-    source = None if model_given else model_source(cfg)
-    marker = source.marker if source else ""
-    diffusion = cfg.modality == "diffusion" or (cfg.modality == "auto" and marker == "model_index.json")
-    if diffusion:
-        check_diffusion_losses(cfg)
-    if cfg.streaming:
-        check_streaming(cfg, diffusion)
-    rpo = cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal"
-    if rpo and cfg.rpo.embedding_model and marker != "model_index.json":
-        hub.resolve_model("rpo.embedding_model", cfg.rpo.embedding_model, markers=hub.SENTENCE_TRANSFORMERS,
-                          what="a sentence-transformers model")  # fmt: skip
-    for key in ("dataset", "eval_dataset"):
-        value = getattr(cfg, key)
-        # a missing local file is named here; a hub id or a glob is the data loader's to resolve
-        if value and value.lower().endswith(DATA_SUFFIXES) and not Path(value).exists() and "*" not in value:
-            raise ConfigError(f"{key}: no such file {value}")
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(
-            f"output_dir: cannot write to {out} ({exc.strerror or exc}); choose a writable folder"
-        ) from exc
-    return source
-
-
-def check_streaming(cfg: TrainConfig, diffusion: bool) -> None:
-    """What a streamed ``dataset`` cannot do, refused before anything loads, each with the way out: a stream
-    is read front to back, its length unknown and its rows without a place to come back to."""
-    if cfg.max_steps is None:
-        raise ConfigError("max_steps: a streamed dataset has no known length, so epochs cannot set the schedule; "
-                          "set max_steps (or streaming: false)")  # fmt: skip
-    if isinstance(cfg.eval_split, float) and cfg.eval_split:
-        raise ConfigError("eval_split: a held-out share needs the rows counted first, which a stream does not do; "
-                          "name an eval split (eval_split: test) or give eval_dataset (or streaming: false)")  # fmt: skip
-    if not diffusion and cfg.precompute_ref:
-        raise ConfigError("precompute_ref: the reference log-probs of a streamed dataset cannot be computed "
-                          "before training (its rows arrive as training reads them); set precompute_ref: false, "
-                          "which runs the frozen reference at every step (or streaming: false)")  # fmt: skip
-    if diffusion and cfg.diffusion.cache_latents != "off":
-        raise ConfigError("diffusion.cache_latents: a stream's rows have no fixed place to cache them under; set "
-                          "diffusion.cache_latents: off (VAE and text encoders run every step, as in diffusers' "
-                          "example), or train from a local copy (streaming: false) to cache")  # fmt: skip
-    if not diffusion and cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal":
-        raise ConfigError("loss.type: RPO's prompt embeddings are computed once over the whole dataset, which a "
-                          "stream does not allow; use rpo.mode: diagonal, another loss, or streaming: false")  # fmt: skip
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")  # names that are local files, not hub ids
 
 
 @contextmanager

@@ -1,55 +1,12 @@
 """Diffusion preference training (Diffusion-DPO, Diffusion-RPO) of SD 1.5 / SDXL UNets for the one loop.
 
-:class:`DiffusionTask` is a :class:`~mmpref.training.task.Task`, the loop's contract: it owns the UNet,
-the frozen VAE / text encoder(s) / reference, and the image data, and turns a batch into
-:class:`~mmpref.training.objective.Rows` of ℓ (docs/design.md §1, §7; formulas in :mod:`mmpref.adapters.diffusion`).
-
-Choices, all documented here because Diffusion-RPO has no public reference code:
-
-* **β**: ℓ = −½(err_θ − err_ref), so ``loss.beta: 5000`` is the original Diffusion-DPO code's β
-  (the diffusers example's ``beta_dpo: 2500`` folds the ½ in; it equals 5000 here).
-* **Model kind**: SDXL when the folder has ``text_encoder_2`` or the UNet's ``addition_embed_type`` is
-  ``text_time``; otherwise SD 1.5-style (one CLIP text encoder, last hidden state).
-* **Reference**: a frozen copy of the UNet, or with ``lora:`` the same UNet with its adapters disabled
-  (LoRA through diffusers' peft integration, ``unet.add_adapter``, on ``to_q, to_k, to_v, to_out.0``, the
-  diffusion entry of ``LoraConfig.DEFAULT_TARGETS``, unless ``lora.target_modules`` names others).
-  ``precompute_ref`` does not apply: the noise and timestep differ at every step, so the reference runs
-  every step (one no-grad forward).
-* **Cache** (``diffusion.cache_latents``: ``lazy``, the default, ``ahead`` or ``off``): VAE latents
-  (posterior *mean* × scaling factor, the same function the uncached path uses, so caching only adds float16 rounding) and text-encoder outputs,
-  plus the empty caption's, are computed once per row and model into
-  ``<dataset folder>/.mmpref_cache/latents-<hash>`` (see :mod:`mmpref.data.row_cache`): with ``lazy`` (the
-  default) when a batch first draws the row, with ``ahead`` before step 1; from then on training never calls
-  the VAE encoder or a text encoder for that row. ``off``: both run every step (diffusers' example).
-* **Prompt dropout**: per pair (both images), with probability ``diffusion.prompt_dropout``; cached or not,
-  the draws are the same, and so are the batches.
-* **Training randomness per row**: one seed per pair, a hash of the run's ``seed``, the epoch and the dataset
-  row (:func:`train_seed`), draws the pair's prompt dropout, flip, ε and t. So a pair's draws do not depend
-  on the process or batch slot it lands in, and N data-parallel processes compute the same losses and
-  gradients as one process on the same global batch (tested with two gloo processes); nor on how far the
-  loader has read ahead, so a resumed run (which replays its position) draws exactly what the
-  uninterrupted one drew.
-* **Noise**: evaluation uses fixed seeds per dataset row,
-  so the eval metrics of different steps (and runs) see the same noise. One (ε, t) draw makes the eval
-  accuracy of a small set noisy: ``diffusion.eval_noise_draws: K`` averages each pair's ℓ over K fixed
-  draws (K forwards of policy and reference per eval batch), an estimate of the expectation over t and ε
-  that Diffusion-DPO's objective is defined with.
-* **Diffusion-RPO**: one CLIP embedding per image (``rpo.embedding``: text | image | image+text, the
-  normalised mean of the two normalised embeddings by default), from open_clip (``rpo.clip_model``, a
-  ``local-dir:`` folder or an architecture name with ``rpo.clip_weights``), computed once per row when a
-  batch first draws it and cached beside the data (float16; a stream's are computed per batch); they go into
-  ``Rows.embeddings`` as (B, 2, D), so chosen image i is weighted against rejected image j by their own
-  similarity.
-* **Data** (:mod:`mmpref.data.images`): an index into the source's Arrow rows; images are checked when first
-  read, and a bad one stops the run or, with ``on_bad_rows: skip``, is recorded in ``output_dir/bad_rows.jsonl``
-  and replaced in its batch by the next usable row (:meth:`DiffusionTask._read`).
-* **Saving**: ``final/unet`` is a diffusers ``UNet2DConditionModel`` folder; with LoRA, ``final/`` holds
-  ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(final)``.
-* **EMA** (``diffusion.ema_decay`` > 0): diffusers' ``EMAModel`` over the trained parameters (the adapters
-  with LoRA), stepped after each optimizer step, checkpointed; ``final/`` and the final evaluation use it.
-* **Samples** (``samples.prompts``): at every evaluation, diffusers' pipeline generates the prompts with the
-  policy (seed ``samples.seed + i`` for prompt i), once with the reference; images, grids and style scores
-  go under ``output_dir/samples`` and into the metrics (:mod:`mmpref.training.sampling`).
+:class:`DiffusionTask` is a :class:`~mmpref.training.task.Task`: it owns the UNet, the frozen VAE / text
+encoder(s) / reference and the image data, and turns a batch into :class:`~mmpref.losses.LogRatios` of ℓ
+(formulas in :mod:`mmpref.adapters.diffusion`). Every choice (the β convention, the model kind, the reference,
+the lazy caches, the per-pair randomness of :func:`train_seed`, the evaluation noise, Diffusion-RPO's CLIP
+embeddings, EMA, samples) is documented in docs/design.md §7, because Diffusion-RPO has no public reference
+code. Saving: ``final/unet`` is a diffusers ``UNet2DConditionModel`` folder; with LoRA, ``final/`` holds
+``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights(final)``.
 """
 
 from __future__ import annotations
@@ -58,48 +15,34 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from mmpref.adapters.diffusion import (
-    adapters_disabled,
-    adapters_off,
     diffusion_logratios,
     encode_images,
     encode_prompt_sd15,
     encode_prompt_sdxl,
-    frozen_reference,
     sdxl_time_ids,
     tokenize_captions,
 )
-from mmpref.data.images import (
-    BadImageRow,
-    ImagePair,
-    ImageRows,
-    ImageStream,
-    PairEmbedder,
-    pair_pixels,
-    prepare_image_dataset,
-)
+from mmpref.data.errors import DataError
+from mmpref.data.image_inputs import PairEmbedder, pair_pixels
+from mmpref.data.image_stream import ImageStream
+from mmpref.data.images import BadImageRow, ImagePair, ImageRows, prepare_image_dataset
 from mmpref.data.row_cache import RowCache
-from mmpref.data.text import DataError, config_sources, held_out_split, open_stream
-from mmpref.hub import ModelSource, folder_fingerprint
-from mmpref.losses import tie_accuracy
+from mmpref.data.splits import Splits, prepare_splits
+from mmpref.hub import folder_fingerprint
+from mmpref.losses import LogRatios, tie_accuracy
 from mmpref.progress import progress
-from mmpref.training.config import DTYPES, ConfigError, TrainConfig, model_source, score_checks
-from mmpref.training.distributed import check_scale_out
-from mmpref.training.objective import Rows
-from mmpref.training.sampling import (
-    generate,
-    image_grid,
-    load_pipeline,
-    log_image,
-    save_images,
-    unet_swapped,
-)
+from mmpref.training.config import DTYPES
+from mmpref.training.plan import DataPlan
+from mmpref.training.reference import AdaptersOff, FrozenCopy, Reference
+from mmpref.training.sampling import Samples
 from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
@@ -150,33 +93,54 @@ class _StreamedSplit:
         return []
 
 
+@dataclass
+class DiffusionModels:
+    """What :meth:`DiffusionTask.load_models` returns for the later stages (the task keeps the VAE, text
+    encoders, tokenizers and scheduler it encodes and noises with)."""
+
+    unet: nn.Module
+    weight_dtype: torch.dtype  # of the frozen parts: the launcher's mixed precision, else torch_dtype
+
+
 class DiffusionTask(Task):
     """Diffusion-DPO / Diffusion-RPO on a SD 1.5 or SDXL pipeline folder (module docstring)."""
 
     modality = "diffusion"
     unit = "images"  # what count_units counts, for the throughput report
 
-    def __init__(self, cfg: TrainConfig, accelerator, source: ModelSource | None = None, train_dataset=None,
-                 eval_dataset=None):  # fmt: skip
+    # -- the stages ---------------------------------------------------------------------------------
+    def prepare_splits(self) -> Splits:
+        """An index into each source's usable rows (images are read, and checked, when a batch first needs them);
+        a streamed training split reads its rows as training goes."""
+        cfg = self.cfg
+        self._bad_rows_file = Path(cfg.output_dir) / "bad_rows.jsonl"
+        self._bad_seen: set[int] = set()
+        share = 0.0 if cfg.streaming else cfg.eval_split
+        return prepare_splits(self.plan.train, self.plan.eval, share, cfg.seed, self._indexed)
+
+    def _indexed(self, data: DataPlan) -> ImageRows | ImageStream:
+        cfg, objective = self.cfg, self.plan.objective
+        if data.stream is not None:
+            return self._stream(*data.stream)
+        return prepare_image_dataset(data.rows, on_bad_rows=cfg.on_bad_rows, image_root=cfg.image_root,
+                                     confine_image_paths=cfg.confine_image_paths, needs_scores=objective.needs_scores,
+                                     chosen_scores_higher=objective.chosen_scores_higher)  # fmt: skip
+
+    def load_models(self) -> DiffusionModels:
+        """The pipeline's components through diffusers' and transformers' ``from_pretrained`` (hub id or folder)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        check_scale_out(cfg, accelerator, frozen_reference=cfg.lora is None, text=False)
-        source = source or model_source(cfg)
-        self.cfg, self.accelerator, self.source = cfg, accelerator, source
-        index_file = source.file("model_index.json")
-        index = json.loads(index_file.read_text()) if index_file else {}
-        if not index.get("unet"):
-            raise ConfigError(f"model: {cfg.model} is not a diffusers pipeline with a UNet (model_index.json, unet/)")
-        dc = cfg.diffusion
-        device = accelerator.device
-        weight_dtype = MIXED.get(accelerator.mixed_precision, DTYPES[cfg.torch_dtype])
+        cfg, source, device = self.cfg, self.source, self.accelerator.device
+        weight_dtype = MIXED.get(self.accelerator.mixed_precision, DTYPES[cfg.torch_dtype])
 
         def part(cls, subfolder: str, **kwargs):  # one component of the pipeline, hub id or folder alike
             return cls.from_pretrained(source.name, subfolder=subfolder, **source.kwargs, **kwargs)
 
+        self.is_sdxl = self.plan.sdxl
         self.unet = part(UNet2DConditionModel, "unet", torch_dtype=DTYPES[cfg.torch_dtype])
-        self.is_sdxl = bool(index.get("text_encoder_2")) or self.unet.config.addition_embed_type == "text_time"
+        if cfg.diffusion.attention == "xformers":  # the plan checked that xformers is installed
+            self.unet.enable_xformers_memory_efficient_attention()
         self.scheduler = part(DDPMScheduler, "scheduler")
         # fp32 VAE: the SDXL VAE overflows in fp16 (diffusers' scripts keep it fp32 too); cached, it is cheap
         self.vae = part(AutoencoderKL, "vae").requires_grad_(False).eval().to(device)
@@ -191,39 +155,18 @@ class DiffusionTask(Task):
         self._fingerprint = source.identity() if source.is_hub else folder_fingerprint(
             *(source.folder / sub for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
         )  # fmt: skip
+        return DiffusionModels(self.unet, weight_dtype)
 
-        if dc.attention == "xformers":
-            try:
-                import xformers  # noqa: F401
-            except ImportError as e:
-                raise ConfigError(
-                    "diffusion.attention: xformers is not installed (pip install 'mmpref[xformers]'); "
-                    "use diffusion.attention=sdpa (PyTorch's fused attention, the default)"
-                ) from e
-            self.unet.enable_xformers_memory_efficient_attention()
-
-        # -- data: an index into the sources; images are read (and checked) when a batch first needs them
-        load = {"on_bad_rows": cfg.on_bad_rows, "image_root": cfg.image_root,
-                "confine_image_paths": cfg.confine_image_paths, **score_checks(cfg)}  # fmt: skip
-        (train_data, options), evaluation = config_sources(cfg, train_dataset, eval_dataset)
-        self._bad_rows_file = Path(cfg.output_dir) / "bad_rows.jsonl"
-        self._bad_seen: set[int] = set()
-        if cfg.streaming:
-            train = self._stream(train_data, options)
-        else:
-            train = prepare_image_dataset(train_data, **options, **load)
-        evald = None
-        if evaluation is not None:  # eval data of its own, or a named split
-            eval_data, options = evaluation
-            evald = prepare_image_dataset(eval_data, **options, **load)
-        elif cfg.eval_split:
-            train_order, eval_order = held_out_split(len(train), cfg.eval_split, cfg.seed)
-            train, evald = train.subset(train_order), train.subset(eval_order)
-        self.train = _StreamedSplit(train, "train") if cfg.streaming else _ImageSplit(train, "train")
-        self.eval = _ImageSplit(evald, "eval") if evald is not None else None
+    def build_artifacts(self, models: DiffusionModels, splits: Splits) -> Splits:
+        """Each split's row caches (latents and text-encoder outputs, mirrored latents, RPO's CLIP embeddings):
+        opened, filled ahead with ``cache_latents: ahead``; the encoders are freed once every row is cached."""
+        dc = self.cfg.diffusion
+        self.train = _StreamedSplit(splits.train, "train") if self.cfg.streaming else _ImageSplit(splits.train, "train")
+        self.eval = _ImageSplit(splits.eval, "eval") if splits.eval is not None else None
         self.embedder = None
-        if cfg.loss.type == "rpo" and cfg.rpo.mode != "diagonal":
-            self.embedder = PairEmbedder(cfg.rpo.clip_model, cfg.rpo.clip_weights, cfg.rpo.embedding, device)
+        if self.plan.objective.needs_embeddings:
+            rpo = self.cfg.rpo
+            self.embedder = PairEmbedder(rpo.clip_model, rpo.clip_weights, rpo.embedding, self.accelerator.device)
         for split in self.splits():
             if dc.cache_latents != "off":
                 split.latents = RowCache(self._latent_folder(split), split.data.dataset.num_rows)
@@ -237,38 +180,43 @@ class DiffusionTask(Task):
             self.fill_caches()
         if dc.cache_latents != "off" and self._caches_complete():  # training never encodes: free the encoders
             self.vae, self.text_encoders = None, []
+        return Splits(self.train, self.eval)
 
-        # -- reference, memory savers, LoRA
-        self.reference: nn.Module | None = None
-        if cfg.lora is None:
-            self.reference = frozen_reference(self.unet).to(device, weight_dtype)
+    def make_reference(self, models: DiffusionModels, splits: Splits) -> Reference:
+        """A frozen copy of the UNet, or with LoRA the UNet itself with its adapters off (``plan.reference``)."""
+        if self.plan.reference == "frozen_copy":
+            self.reference = FrozenCopy(models.unet, self.accelerator.device, models.weight_dtype)
+        else:
+            self.reference = AdaptersOff()
+        return self.reference
+
+    def wrap_for_training(self, models: DiffusionModels) -> nn.Module:
+        """Gradient checkpointing, LoRA (diffusers' peft integration, ``unet.add_adapter``) and the EMA."""
+        cfg, unet = self.cfg, models.unet
         if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            unet.enable_gradient_checkpointing()
         if cfg.lora is not None:
             from peft import LoraConfig
 
             lc = cfg.lora
-            self.unet.requires_grad_(False)
-            self.unet.add_adapter(LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                             init_lora_weights="gaussian",
-                                             target_modules=lc.targets(self.modality)))  # fmt: skip
-            for p in self.unet.parameters():
+            unet.requires_grad_(False)
+            unet.add_adapter(LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, init_lora_weights="gaussian",
+                                        target_modules=lc.targets(self.modality)))  # fmt: skip
+            for p in unet.parameters():
                 if p.requires_grad:  # train the adapters in fp32, as diffusers' cast_training_params does
                     p.data = p.data.float()
-        self.model = self.unet
+        self.model = unet
         # EMA of the trained weights (diffusers' EMAModel, as its training scripts use it): updated after every
         # optimizer step, checkpointed with the run, and copied into the model before the final evaluation
         # and save, so final/ holds the averaged weights. With LoRA only the adapters are averaged.
         self.ema = None
-        if dc.ema_decay:
+        if cfg.diffusion.ema_decay:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self._trainable(self.unet), decay=dc.ema_decay)
-            self.ema.to(device)
-        self._pipe = self._embedder = None  # built on first use by sample_and_score
-        self._reference_images: list | None = None
-        self._scorers: dict | None = None  # samples.scorers, loaded on first use
-        self._reference_scores: dict[str, Tensor] | None = None  # of the reference images, scored once
+            self.ema = EMAModel(self._trainable(unet), decay=cfg.diffusion.ema_decay)
+            self.ema.to(self.accelerator.device)
+        self.samples = Samples(cfg, self.accelerator, self.source, self.reference)  # used by sample_and_score
+        return unet
 
     # -- encoding (cache build, or every step without cache) -----------------------------------------
     def _encode_text(self, captions: list[str]) -> dict[str, Tensor]:
@@ -329,10 +277,9 @@ class DiffusionTask(Task):
         return bool(u[0] < dc.prompt_dropout), bool(u[1] < 0.5) and dc.random_flip
 
     # -- reading rows: bad rows, caches ------------------------------------------------------------
-    def _stream(self, source, options: dict) -> ImageStream:
-        """``streaming: true``: the training rows as a stream, each process reading its own shards."""
+    def _stream(self, ds, name: str, folder: Path | None) -> ImageStream:
+        """``streaming: true``: the training rows as a stream (opened by the plan), each process its own shards."""
         cfg, acc = self.cfg, self.accelerator
-        ds, name, folder = open_stream(source, **options)
         base = Path(cfg.image_root).expanduser() if cfg.image_root else folder or Path.cwd()
         return ImageStream(ds, source=name, base=base, confine_to=base if cfg.confine_image_paths else None,
                            seed=cfg.seed, buffer=cfg.shuffle_buffer, rank=acc.process_index, world=acc.num_processes,
@@ -530,11 +477,9 @@ class DiffusionTask(Task):
             added = {"text_embeds": pooled.to(device, dtype), "time_ids": batch["time_ids"].to(device, dtype)}
         return latents.to(device, dtype), ehs.to(device, dtype), added
 
-    def rows(self, model: nn.Module, batch: dict[str, Tensor]) -> Rows:
+    def rows(self, model: nn.Module, batch: dict[str, Tensor]) -> LogRatios:
         latents, ehs, added = self._conditioning(batch)
-        reference = self.reference
-        if reference is None:
-            reference = adapters_disabled(self.accelerator.unwrap_model(model))
+        reference = partial(self.reference.predict, model)
         if "noise_seed" not in batch:  # training: each pair's own seed (module docstring), else the global RNG
             seeds = batch.get("train_seed")
             generator = None if seeds is None else [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
@@ -552,7 +497,7 @@ class DiffusionTask(Task):
             logratios = torch.stack([d.logratios for d in draws]).mean(0)
             model_err = torch.stack([d.model_err for d in draws]).mean(0)
             ref_err = torch.stack([d.ref_err for d in draws]).mean(0)
-        return Rows(
+        return LogRatios(
             logratios=logratios,
             row_index=batch["row_index"],
             embeddings=batch.get("embeddings"),
@@ -580,83 +525,8 @@ class DiffusionTask(Task):
 
     # -- samples: the evaluation hook ----------------------------------------------------------------
     def sample_and_score(self, model: nn.Module, step: int) -> dict[str, float]:
-        """Generate ``samples.prompts`` (fixed seeds) with the policy, save them and a grid beside the
-        reference's images under ``output_dir/samples``, and score them when ``samples.style_refs`` is set and
-        with every scorer of ``samples.scorers`` (:mod:`mmpref.metrics.scorers`): ``samples/<name>`` (the mean
-        over the prompts), ``samples/reference_<name>`` and ``samples/<name>_win_rate`` (trained vs reference per
-        prompt, ties ½; 0.5 at step 0, where the policy is the reference).
-
-        Runs on the main process only. The pipeline (VAE decoder, text encoders) and the scorers are loaded once,
-        on first use; the reference's images are generated and scored once. Returns ``samples/*`` metrics for
-        the trackers.
-        """
-        sc, acc = self.cfg.samples, self.accelerator
-        if not sc.prompts or not acc.is_main_process:
-            return {}
-        unet = acc.unwrap_model(model)
-        if self._pipe is None:
-            self._pipe = load_pipeline(self.source.name, unet=unet, device=acc.device, **self.source.kwargs)
-        options = dict(seed=sc.seed, num_inference_steps=sc.num_inference_steps, guidance_scale=sc.guidance_scale,
-                       resolution=self.cfg.diffusion.resolution)  # fmt: skip
-        root, metrics = Path(self.cfg.output_dir) / "samples", {}
-        if self._reference_images is None:
-            reference = self.reference if self.reference is not None else unet
-            with adapters_off(unet) if self.reference is None else nullcontext(), acc.autocast():
-                with unet_swapped(self._pipe, reference) as pipe:
-                    self._reference_images = generate(pipe, sc.prompts, **options)
-            paths = save_images(self._reference_images, root / "reference", sc.prompts)
-            metrics.update(self._score_samples(paths, "samples/reference_"))
-        with acc.autocast(), unet_swapped(self._pipe, unet) as pipe:
-            images = generate(pipe, sc.prompts, **options)
-        paths = save_images(images, root / f"step-{step:08d}", sc.prompts)
-        grid = image_grid({"reference": self._reference_images, f"step {step}": images}, sc.prompts)
-        grid.save(root / f"grid-step-{step:08d}.png")
-        grid.save(root / "latest.png")  # where a person looks first
-        log_image(acc, "samples", grid, step)  # to every configured tracker that takes images
-        metrics.update(self._score_samples(paths, "samples/"))
-        metrics.update(self._preference_scores(images))
-        return metrics
-
-    def _preference_scores(self, images: list) -> dict[str, float]:
-        """``samples.scorers`` on the policy's images against the reference's (scored once)."""
-        from mmpref.metrics.scorers import load_scorer
-        from mmpref.metrics.stats import win_rate
-
-        sc = self.cfg.samples
-        if not sc.scorers:
-            return {}
-        if self._scorers is None:
-            self._scorers = {name: load_scorer(name, sc.scorer_models.get(name), device=self.accelerator.device)
-                             for name in sc.scorers}  # fmt: skip
-        if self._reference_scores is None:
-            self._reference_scores = {name: s.score(self._reference_images, sc.prompts)
-                                      for name, s in self._scorers.items()}  # fmt: skip
-        metrics = {}
-        for name, scorer in self._scorers.items():
-            trained, reference = scorer.score(images, sc.prompts), self._reference_scores[name]
-            metrics[f"samples/{name}"] = trained.mean().item()
-            metrics[f"samples/reference_{name}"] = reference.mean().item()
-            metrics[f"samples/{name}_win_rate"] = win_rate(trained, reference, n_resamples=0).value
-        return metrics
-
-    def _score_samples(self, images: list[Path], prefix: str) -> dict[str, float]:
-        """Style score, style accuracy and content score (docs/design.md §9) of one set of samples."""
-        from mmpref.metrics import ClipEmbedder, evaluate_style
-
-        sc = self.cfg.samples
-        if not sc.style_refs:
-            return {}
-        if self._embedder is None:
-            model = sc.clip_model or self.cfg.rpo.clip_model  # one of them is set (config validation)
-            weights = sc.clip_weights if sc.clip_model else self.cfg.rpo.clip_weights
-            self._embedder = ClipEmbedder(model, weights, device=self.accelerator.device, progress=False,
-                                          cache_dir=Path(self.cfg.output_dir) / "cache" / "clip",
-                                          key="samples.clip_model" if sc.clip_model else "rpo.clip_model")  # fmt: skip
-        prompts = {path.name: prompt for path, prompt in zip(images, sc.prompts, strict=True)}
-        target = sc.style_names.index(sc.style_target) if sc.style_names else None
-        result = evaluate_style(self._embedder, images, sc.style_refs, prompts=prompts,
-                                style_names=sc.style_names or None, target_index=target, n_resamples=200)  # fmt: skip
-        return {prefix + name: m.value for name, m in result.metrics.items()}
+        """``samples.prompts`` generated, saved and scored (:class:`~mmpref.training.sampling.Samples`)."""
+        return self.samples(model, step)
 
     def count_units(self, batch: dict[str, Tensor]) -> int:
         """Images (two per pair)."""

@@ -1,7 +1,7 @@
 """The one training loop, on Accelerate, for every modality and loss.
 
 A *task* (a :class:`~mmpref.training.task.Task`: ``TextTask``, ``DiffusionTask``) owns the model, the data
-and the reference; it turns a batch into :class:`~mmpref.training.objective.Rows`. This loop owns
+and the reference; it turns a batch into :class:`~mmpref.losses.LogRatios`. This loop owns
 everything else: optimizer, schedule, accumulation, logging, evaluation, checkpoints, resume.
 """
 
@@ -11,14 +11,13 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,9 +27,10 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from mmpref.hub import ModelSource
-from mmpref.losses import tie_accuracy
+from mmpref.files import atomic_folder
+from mmpref.losses import LogRatios, Objective
 from mmpref.progress import progress
+from mmpref.training.build import build
 from mmpref.training.checkpoint import (
     STATE_FILE,
     Checkpointer,
@@ -38,16 +38,15 @@ from mmpref.training.checkpoint import (
     find_checkpoint,
     rewind_metrics,
 )
-from mmpref.training.config import ConfigError, TrainConfig, base_loss, check_paths, model_source, to_dict
+from mmpref.training.config import TrainConfig, to_dict
 from mmpref.training.distributed import sharding
 from mmpref.training.model_card import push_to_hub, write_model_card
-from mmpref.training.objective import Rows, gather_rows, preference_loss
+from mmpref.training.plan import plan
 from mmpref.training.plots import plot_metrics
 from mmpref.training.run_report import peak_host_rss_gib, summary_line
 from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
-DEFAULT_EPOCHS = 3  # when neither max_steps nor num_epochs is set, as TRL's num_train_epochs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,26 +94,6 @@ class _StopRequest:
         self._previous.clear()
 
 
-def build_task(cfg: TrainConfig, accelerator: Accelerator, source: ModelSource | None = None,
-               given: dict | None = None) -> Task:  # fmt: skip
-    """The diffusion task for a diffusers pipeline (a ``model_index.json``), else the text task.
-
-    ``given``: in-memory ``model``, ``tokenizer``, ``train_dataset``, ``eval_dataset`` (see :func:`train`).
-    """
-    given = {k: v for k, v in (given or {}).items() if v is not None}
-    if source is None and "model" not in given:
-        source = model_source(cfg)
-    if cfg.modality == "diffusion" or (cfg.modality == "auto" and source and source.marker == "model_index.json"):
-        from mmpref.training.diffusion_task import DiffusionTask
-
-        if {"model", "tokenizer"} & set(given):
-            raise ConfigError("model: the diffusion task loads its pipeline from `model` (a hub id or folder)")
-        return DiffusionTask(cfg, accelerator, source, **given)
-    from mmpref.training.text_task import TextTask
-
-    return TextTask(cfg, accelerator, source, **given)
-
-
 def build_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -123,11 +102,9 @@ def build_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
 
         return Adafactor(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)  # fmt: skip
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise ConfigError("optimizer: adamw8bit needs bitsandbytes (pip install 'mmpref[bnb]')") from e
+    if cfg.optimizer == "adamw8bit":  # the plan checked that bitsandbytes is installed
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
@@ -167,25 +144,9 @@ def _batches(collate, order, epoch: int, batch_size: int, skip: int, accelerator
     return iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
 
 
-def _eval_metrics(logratios: torch.Tensor, labels: torch.Tensor | None, beta: float) -> dict[str, float]:
-    """Reward accuracy and margins over the whole eval set (unpaired: over all good × bad pairs)."""
-    if labels is None:
-        chosen, rejected = logratios[:, 0], logratios[:, 1]
-        margins = beta * (chosen - rejected)
-    else:
-        chosen, rejected = logratios[labels.bool(), 0], logratios[~labels.bool(), 0]
-        margins = beta * (chosen[:, None] - rejected[None, :]).flatten()
-    acc = tie_accuracy(margins)
-    return {
-        "eval/rewards/accuracies": acc.mean().item(),
-        "eval/rewards/margins": margins.mean().item(),
-        "eval/rewards/chosen": beta * chosen.mean().item(),
-        "eval/rewards/rejected": beta * rejected.mean().item(),
-    }
-
-
 @torch.no_grad()
-def evaluate(task: Task, model, cfg: TrainConfig, accelerator: Accelerator, step: int = 0) -> dict[str, float]:
+def evaluate(task: Task, model, cfg: TrainConfig, objective: Objective, accelerator: Accelerator,
+             step: int = 0) -> dict[str, float]:  # fmt: skip
     """Held-out loss and reward metrics; plus, for a task that generates samples (diffusion), their scores."""
     samples = task.sample_and_score(model, step)
     if task.eval is None:
@@ -194,22 +155,41 @@ def evaluate(task: Task, model, cfg: TrainConfig, accelerator: Accelerator, step
     loader = accelerator.prepare_data_loader(
         DataLoader(list(range(len(task.eval))), batch_size=cfg.eval_batch_size, collate_fn=task.collate_eval)
     )
-    losses, logratios, labels = [], [], []
-    simpo = base_loss(cfg.loss, cfg.rpo) == "simpo"
+    losses, compared, labels = [], [], []
     for batch in loader:
         with accelerator.autocast():  # the numerics of the training forward (and of the precomputed reference)
             rows = task.rows(model, batch)
-            losses.append(preference_loss(cfg.loss, cfg.rpo, rows).loss.float().reshape(1))
-        shown = rows.logratios
-        if simpo and rows.lengths is not None:  # SimPO compares length-averaged log-probs
-            shown = shown / rows.lengths
-        logratios.append(accelerator.gather_for_metrics(shown.float()))
+            losses.append(objective(rows).loss.float().reshape(1))
+        compared.append(accelerator.gather_for_metrics(objective.compared(rows).float()))
         if rows.labels is not None:
             labels.append(accelerator.gather_for_metrics(rows.labels))
     model.train()
     loss = accelerator.gather(torch.cat(losses)).mean().item()
-    metrics = _eval_metrics(torch.cat(logratios), torch.cat(labels) if labels else None, cfg.loss.beta)
+    metrics = objective.eval_metrics(torch.cat(compared), torch.cat(labels) if labels else None)
     return {"eval/loss": loss, **metrics, **samples}
+
+
+def gather_rows(rows: LogRatios, accelerator: Accelerator) -> LogRatios:
+    """Concatenate every process's rows; the local slice keeps its autograd graph.
+
+    Each process then computes the same global loss, but gradients flow only into its own
+    rows, so the caller scales the loss by the number of processes before backward
+    (:meth:`~mmpref.losses.Objective.loss_scale`): DDP's gradient averaging then gives exactly
+    the gradient of the global loss.
+    """
+    if accelerator.num_processes == 1:
+        return rows
+    gathered = {}
+    for f in fields(rows):
+        value = getattr(rows, f.name)
+        if not isinstance(value, torch.Tensor):  # None, or the local metrics dict
+            gathered[f.name] = value
+            continue
+        parts = [torch.empty_like(value) for _ in range(accelerator.num_processes)]
+        torch.distributed.all_gather(parts, value.detach().contiguous())
+        parts[accelerator.process_index] = value
+        gathered[f.name] = torch.cat(parts)
+    return replace(rows, **gathered)
 
 
 def _checkpoint_state(state: dict, sums: dict[str, float], count: int, accelerator: Accelerator) -> dict:
@@ -220,7 +200,7 @@ def _checkpoint_state(state: dict, sums: dict[str, float], count: int, accelerat
     return {**state, "pending_metrics": {"sums": sums, "count": count}}
 
 
-def _zero_nonfinite(rows: Rows) -> tuple[Rows, list[int]]:
+def _zero_nonfinite(rows: LogRatios) -> tuple[LogRatios, list[int]]:
     """Zero the model's NaN/inf outputs (the loss core refuses them; the step is skipped or stopped
     anyway) and name the dataset rows that had them."""
     bad = ~torch.isfinite(rows.logratios).all(dim=1)
@@ -297,7 +277,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict
     run = _Run(cfg, stop, given, callbacks)
     run.resume(resume)
     if run.state["step"] == 0:
-        run.log(evaluate(run.task, run.model, cfg, run.accelerator), 0)
+        run.log(evaluate(run.task, run.model, cfg, run.objective, run.accelerator), 0)
     run.start_steps()
     while run.state["step"] < run.max_steps:
         run.step()
@@ -324,24 +304,22 @@ class _Run:
     sums and micro-batch count; ``units`` what the task counts, for the throughput report.
     """
 
-    # -- setup: accelerator, task, schedule length, optimizer and scheduler --------------------------
+    # -- setup: accelerator, plan, the build's stages, optimizer and scheduler ---------------------
     def __init__(self, cfg: TrainConfig, stop: _StopRequest, given: dict, callbacks: list):
         self.cfg, self.stop, self.callbacks = cfg, stop, callbacks
-        # a missing model or an unwritable output_dir stops here, before anything is written
-        self.source = check_paths(cfg, model_given=given["model"] is not None,
-                                  data_given=given["train_dataset"] is not None)  # fmt: skip
         self.out = out = Path(cfg.output_dir)
         self.trackers = [t for t in cfg.report_to if t != "none"]
         self.accelerator = accelerator = _make_accelerator(cfg, self.trackers, out)
+        # every config or data-shape mistake stops here, in seconds, before any weights load or anything is written
+        self.plan = run_plan = plan(cfg, accelerator, given)
+        self.source, self.objective = run_plan.source, run_plan.objective
         if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         set_seed(cfg.seed)
-        self.task: Task = build_task(cfg, accelerator, self.source, given)
+        self.task, self.max_steps = build(run_plan, accelerator)
         self.accum = cfg.gradient_accumulation_steps
         # unpaired rows: balanced batches
         self.labels = self.task.train.labels if cfg.rpo.balance_unpaired else None
-        self.max_steps = self._schedule_length()
         model = self.task.model
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg, self.params)
@@ -359,23 +337,6 @@ class _Run:
         if self.task.train.streamed:
             return self.task.train.stream(epoch)
         return epoch_order(len(self.task.train), self.cfg.seed, epoch, self.labels, self.cfg.batch_size)
-
-    def _schedule_length(self) -> int:
-        """``max_steps``, or the optimizer steps of ``num_epochs`` passes over the training rows."""
-        if self.task.train.streamed:  # no length to check: the plan required max_steps
-            return self.cfg.max_steps
-        cfg, accum, size = self.cfg, self.accum, len(self.task.train)
-        per_epoch = len(self.order(0)) // (cfg.batch_size * self.accelerator.num_processes)
-        if per_epoch < accum:
-            raise ConfigError(
-                f"dataset: {size} rows give fewer than {accum} batches of {cfg.batch_size} per process; "
-                "lower batch_size or gradient_accumulation_steps, or add rows"
-            )
-        max_steps = cfg.max_steps or math.ceil((cfg.num_epochs or DEFAULT_EPOCHS) * (per_epoch // accum))
-        if cfg.max_steps is None:
-            logger.info("%d steps: %s epochs of %d steps", max_steps, cfg.num_epochs or DEFAULT_EPOCHS,
-                        per_epoch // accum)  # fmt: skip
-        return max_steps
 
     # -- resume ------------------------------------------------------------------------------------
     def resume(self, resume: str | None) -> None:
@@ -414,14 +375,12 @@ class _Run:
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         self.batches = _batches(self.task.collate_train, self.order(state["epoch"]), state["epoch"], cfg.batch_size,
                                 state["batch_in_epoch"], accelerator)  # fmt: skip
-        self.scale = accelerator.num_processes if cfg.rpo.global_batch and cfg.loss.type == "rpo" else 1
+        self.scale = self.objective.loss_scale(accelerator.num_processes)
         self.units, self.t0 = 0, time.perf_counter()
         # Gradients are checked here unless a loss scaler owns overflow: fp16's GradScaler skips those steps
         # itself; DeepSpeed keeps the gradients inside its engine and steps inside backward.
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.check_grads = accelerator.scaler is None and not deepspeed
-        if deepspeed and cfg.nonfinite == "skip":
-            raise ConfigError("nonfinite: skip cannot skip DeepSpeed's steps (its engine steps inside backward)")
         self.bar = progress(total=self.max_steps, initial=state["step"], desc="train", accelerator=accelerator)
         self.model.train()
         self.stop.arm()
@@ -465,11 +424,11 @@ class _Run:
             sync = micro == accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    rows: Rows = self.task.rows(model, batch)
+                    rows: LogRatios = self.task.rows(model, batch)
                     if cfg.rpo.global_batch:
                         rows = gather_rows(rows, accelerator)
                     rows, bad_rows = _zero_nonfinite(rows)
-                    out_loss = preference_loss(cfg.loss, cfg.rpo, rows)
+                    out_loss = self.objective(rows)
                 if bad_loss is None and bad_rows:
                     bad_loss = (f"non-finite log-probs of dataset rows {bad_rows} in micro-batch {micro}",
                                 batch["row_index"].tolist())  # fmt: skip
@@ -557,7 +516,7 @@ class _Run:
         """Evaluate and checkpoint when due; after a signal, checkpoint and raise TrainingInterrupted."""
         cfg, accelerator = self.cfg, self.accelerator
         if cfg.eval_every and step % cfg.eval_every == 0 and step != self.max_steps:
-            self.log(evaluate(self.task, self.model, cfg, accelerator, step), step)
+            self.log(evaluate(self.task, self.model, cfg, self.objective, accelerator, step), step)
         if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
             self.task.flush()  # what the checkpoint's resume will read (e.g. lazily cached rows)
             checkpoint = self.checkpointer.save(_checkpoint_state(self.state, self.sums, self.count, accelerator))
@@ -573,7 +532,7 @@ class _Run:
         elapsed = time.perf_counter() - self.t0
         self.task.flush()
         self.task.finalize(model)  # e.g. EMA weights in place of the trained ones
-        final_eval = evaluate(self.task, model, cfg, accelerator, state["step"])
+        final_eval = evaluate(self.task, model, cfg, self.objective, accelerator, state["step"])
         self.log(final_eval, state["step"])
         final = self.out / "final"
         accelerator.wait_for_everyone()
@@ -593,16 +552,13 @@ class _Run:
     def _save_final(self, final: Path, full_state: dict | None, final_eval: dict[str, float]) -> None:
         """The model and its card into ``final`` (main process), which appears complete or not at all."""
         cfg, accelerator, task, out = self.cfg, self.accelerator, self.task, self.out
-        staging = out / ".tmp-final"
-        shutil.rmtree(staging, ignore_errors=True)
-        task.save(accelerator.unwrap_model(self.model), staging, state_dict=full_state)
-        # after save: peft's save_pretrained writes a README.md of its own
-        write_model_card(staging, cfg, self.source, final_eval, diffusion=task.modality == "diffusion",
-                         steps=self.state["step"], processes=accelerator.num_processes, sdxl=task.is_sdxl,
-                         location=cfg.hub_model_id if cfg.push_to_hub else str(final),
-                         model=accelerator.unwrap_model(self.model))  # fmt: skip
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+        with atomic_folder(final) as staging:
+            task.save(accelerator.unwrap_model(self.model), staging, state_dict=full_state)
+            # after save: peft's save_pretrained writes a README.md of its own
+            write_model_card(staging, cfg, self.source, final_eval, diffusion=task.modality == "diffusion",
+                             steps=self.state["step"], processes=accelerator.num_processes, sdxl=task.is_sdxl,
+                             location=cfg.hub_model_id if cfg.push_to_hub else str(final),
+                             model=accelerator.unwrap_model(self.model))  # fmt: skip
         plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
 
     def _write_summary(self, final_eval: dict[str, float], elapsed: float) -> None:

@@ -10,20 +10,10 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from mmpref.hub import HUB_ID, ModelSource, split_revision
-from mmpref.training.config import DATA_SUFFIXES, TrainConfig, base_loss
+from mmpref.losses import Objective
+from mmpref.losses.objective import LOSS_PAPERS, SMOOTHED
+from mmpref.training.config import DATA_SUFFIXES, TrainConfig
 
-# loss.type -> (name, authors, arXiv id): the papers the loss functions cite
-LOSS_PAPERS = {
-    "sigmoid": ("DPO", "Rafailov et al. 2023", "2305.18290"),
-    "robust": ("robust DPO", "Chowdhury et al. 2024", "2403.00409"),
-    "cdpo": ("conservative DPO (DPO with label smoothing)", "Mitchell 2023", None),
-    "ipo": ("IPO", "Azar et al. 2023", "2310.12036"),
-    "hinge": ("SLiC-style hinge loss", "Zhao et al. 2023", "2305.10425"),
-    "odpo": ("ODPO (DPO with an offset)", "Amini et al. 2024", "2402.10571"),
-    "simpo": ("SimPO", "Meng et al. 2024", "2405.14734"),
-    "rdpo": ("reward-aware (soft-label) DPO", "Gallego 2024", "2402.08005"),
-    "rpo": ("RPO (Relative Preference Optimization)", "Yin et al. 2024", "2402.10958"),
-}
 DIFFUSION_PAPERS = {
     "dpo": ("Diffusion-DPO", "Wallace et al. 2023", "2311.12908"),
     "rpo": ("Diffusion-RPO", "Gu et al. 2024", "2406.06382"),
@@ -53,10 +43,11 @@ def _cite(paper: tuple[str, str, str | None]) -> str:
 
 
 def _method(cfg: TrainConfig, diffusion: bool) -> str:
-    rpo = cfg.loss.type == "rpo"
+    objective = Objective.from_config(cfg.loss, cfg.rpo)
+    rpo = objective.is_rpo
     text = f"Trained with {_cite(LOSS_PAPERS[cfg.loss.type])}"
     if rpo:
-        base = cfg.rpo.base_loss
+        base = objective.base
         text += f" in mode `{cfg.rpo.mode}`, on the pairwise loss `{base}`, {_cite(LOSS_PAPERS[base])}"
     else:
         text += f" (`loss.type: {cfg.loss.type}`)"
@@ -70,16 +61,16 @@ def _hyperparameters(
     cfg: TrainConfig, diffusion: bool, steps: int, processes: int, lora_targets: list[str]
 ) -> dict[str, object]:
     loss, lora = cfg.loss, cfg.lora
+    objective = Objective.from_config(cfg.loss, cfg.rpo)
     rows: dict[str, object] = {"loss": loss.type, "β": loss.beta}
-    if loss.type == "rpo":
+    if objective.is_rpo:
         rows.update({"RPO mode": cfg.rpo.mode, "RPO base loss": cfg.rpo.base_loss,
                      "RPO temperature": cfg.rpo.temperature})  # fmt: skip
         if cfg.rpo.mode == "diagonal":
             rows["RPO diagonal weight"] = cfg.rpo.diagonal_weight
-    pairwise = base_loss(cfg.loss, cfg.rpo)
-    if pairwise in ("robust", "cdpo"):
+    if objective.base in SMOOTHED:
         rows["label smoothing ε"] = loss.label_smoothing
-    if pairwise == "simpo":
+    if objective.reference_free:  # SimPO's target margin
         rows["γ"] = loss.gamma
     if loss.sft_weight:
         rows["SFT weight"] = loss.sft_weight
@@ -156,8 +147,9 @@ def write_model_card(folder: Path, cfg: TrainConfig, source: ModelSource | None,
     base_name = source.name if source is not None else cfg.model
     base_args = f'"{base_name}"' + (f', revision="{source.revision}"' if hub and source.revision else "")
     datasets = list(dict.fromkeys(d for d in map(hub_dataset_id, (cfg.dataset, cfg.eval_dataset)) if d))
-    method = "rpo" if cfg.loss.type == "rpo" else "dpo"
-    tags = ["mmpref", method, base_loss(cfg.loss, cfg.rpo)]
+    objective = Objective.from_config(cfg.loss, cfg.rpo)
+    method = "rpo" if objective.is_rpo else "dpo"
+    tags = ["mmpref", method, objective.base]
     if cfg.lora is not None:
         tags.append("lora")
     if diffusion:

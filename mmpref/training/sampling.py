@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from mmpref.data.text import DataError
+from mmpref.data.errors import DataError
 
 
 def read_prompt_list(path: str | Path) -> list[str]:
@@ -208,3 +208,96 @@ def run_sample(
     save_images(trained_images, out / "trained", prompt_list)
     image_grid({"reference": reference_images, "trained": trained_images}, prompt_list).save(out / "grid.png")
     return out, prompt_list
+
+
+class Samples:
+    """A diffusion run's samples at every evaluation (``samples`` config section), called as
+    ``samples(model, step)`` -> metrics.
+
+    ``reference``: the run's reference (:mod:`mmpref.training.reference`), whose images are generated once.
+    """
+
+    def __init__(self, cfg, accelerator, source, reference):
+        self.cfg, self.accelerator, self.source, self.reference = cfg, accelerator, source, reference
+        self._pipe = self._embedder = None  # built on first use
+        self._reference_images: list | None = None
+        self._scorers: dict | None = None  # samples.scorers, loaded on first use
+        self._reference_scores: dict | None = None  # of the reference images, scored once
+
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Generate ``samples.prompts`` (fixed seeds) with the policy, save them and a grid beside the
+        reference's images under ``output_dir/samples``, and score them when ``samples.style_refs`` is set and
+        with every scorer of ``samples.scorers`` (:mod:`mmpref.metrics.scorers`): ``samples/<name>`` (the mean
+        over the prompts), ``samples/reference_<name>`` and ``samples/<name>_win_rate`` (trained vs reference per
+        prompt, ties ½; 0.5 at step 0, where the policy is the reference).
+
+        Runs on the main process only. The pipeline (VAE decoder, text encoders) and the scorers are loaded once,
+        on first use; the reference's images are generated and scored once. Returns ``samples/*`` metrics for
+        the trackers.
+        """
+        sc, acc = self.cfg.samples, self.accelerator
+        if not sc.prompts or not acc.is_main_process:
+            return {}
+        unet = acc.unwrap_model(model)
+        if self._pipe is None:
+            self._pipe = load_pipeline(self.source.name, unet=unet, device=acc.device, **self.source.kwargs)
+        options = dict(seed=sc.seed, num_inference_steps=sc.num_inference_steps, guidance_scale=sc.guidance_scale,
+                       resolution=self.cfg.diffusion.resolution)  # fmt: skip
+        root, metrics = Path(self.cfg.output_dir) / "samples", {}
+        if self._reference_images is None:
+            with self.reference.as_model(unet) as reference, acc.autocast():
+                with unet_swapped(self._pipe, reference) as pipe:
+                    self._reference_images = generate(pipe, sc.prompts, **options)
+            paths = save_images(self._reference_images, root / "reference", sc.prompts)
+            metrics.update(self._score_samples(paths, "samples/reference_"))
+        with acc.autocast(), unet_swapped(self._pipe, unet) as pipe:
+            images = generate(pipe, sc.prompts, **options)
+        paths = save_images(images, root / f"step-{step:08d}", sc.prompts)
+        grid = image_grid({"reference": self._reference_images, f"step {step}": images}, sc.prompts)
+        grid.save(root / f"grid-step-{step:08d}.png")
+        grid.save(root / "latest.png")  # where a person looks first
+        log_image(acc, "samples", grid, step)  # to every configured tracker that takes images
+        metrics.update(self._score_samples(paths, "samples/"))
+        metrics.update(self._preference_scores(images))
+        return metrics
+
+    def _preference_scores(self, images: list) -> dict[str, float]:
+        """``samples.scorers`` on the policy's images against the reference's (scored once)."""
+        from mmpref.metrics.scorers import load_scorer
+        from mmpref.metrics.stats import win_rate
+
+        sc = self.cfg.samples
+        if not sc.scorers:
+            return {}
+        if self._scorers is None:
+            self._scorers = {name: load_scorer(name, sc.scorer_models.get(name), device=self.accelerator.device)
+                             for name in sc.scorers}  # fmt: skip
+        if self._reference_scores is None:
+            self._reference_scores = {name: s.score(self._reference_images, sc.prompts)
+                                      for name, s in self._scorers.items()}  # fmt: skip
+        metrics = {}
+        for name, scorer in self._scorers.items():
+            trained, reference = scorer.score(images, sc.prompts), self._reference_scores[name]
+            metrics[f"samples/{name}"] = trained.mean().item()
+            metrics[f"samples/reference_{name}"] = reference.mean().item()
+            metrics[f"samples/{name}_win_rate"] = win_rate(trained, reference, n_resamples=0).value
+        return metrics
+
+    def _score_samples(self, images: list[Path], prefix: str) -> dict[str, float]:
+        """Style score, style accuracy and content score (docs/design.md §9) of one set of samples."""
+        from mmpref.metrics import ClipEmbedder, evaluate_style
+
+        sc = self.cfg.samples
+        if not sc.style_refs:
+            return {}
+        if self._embedder is None:
+            model = sc.clip_model or self.cfg.rpo.clip_model  # one of them is set (config validation)
+            weights = sc.clip_weights if sc.clip_model else self.cfg.rpo.clip_weights
+            self._embedder = ClipEmbedder(model, weights, device=self.accelerator.device, progress=False,
+                                          cache_dir=Path(self.cfg.output_dir) / "cache" / "clip",
+                                          key="samples.clip_model" if sc.clip_model else "rpo.clip_model")  # fmt: skip
+        prompts = {path.name: prompt for path, prompt in zip(images, sc.prompts, strict=True)}
+        target = sc.style_names.index(sc.style_target) if sc.style_names else None
+        result = evaluate_style(self._embedder, images, sc.style_refs, prompts=prompts,
+                                style_names=sc.style_names or None, target_index=target, n_resamples=200)  # fmt: skip
+        return {prefix + name: m.value for name, m in result.metrics.items()}

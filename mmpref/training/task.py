@@ -2,7 +2,7 @@
 :class:`~mmpref.training.diffusion_task.DiffusionTask` implement.
 
 A task owns the model, the data and the reference, and turns a batch into
-:class:`~mmpref.training.objective.Rows`; the loop (:mod:`mmpref.training.loop`) owns everything else.
+:class:`~mmpref.losses.LogRatios`; the loop (:mod:`mmpref.training.loop`) owns everything else.
 The loop reads a task through these names only: the attributes and abstract methods below every task
 has; the hooks at the end have no-op defaults, and a task overrides those it needs.
 """
@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
-from mmpref.training.objective import Rows
+from mmpref.data.splits import Splits
+from mmpref.losses import LogRatios
+
+if TYPE_CHECKING:
+    from mmpref.training.plan import RunPlan
+    from mmpref.training.reference import Reference
 
 
 class Split(Protocol):
@@ -33,11 +38,20 @@ class Split(Protocol):
 class Task(ABC):
     """A modality's model, data and reference, as the one training loop drives them.
 
-    Attributes every task sets:
+    The constructor only stores the plan and the accelerator. The loop then calls the stages below in order;
+    each returns what the next one needs, and the task keeps it for the steps:
 
-    * ``model``: the module to train (before ``accelerator.prepare``; the loop optimizes its parameters
-      that require grad). The loop passes the prepared one back to :meth:`rows` and the hooks.
-    * ``train``: the training :class:`Split`; ``eval``: the evaluation split, or None (no eval loss).
+    1. :meth:`prepare_splits` -> the validated rows of ``train`` and ``eval`` (no model needed: bad rows and
+       data problems are reported before any weights load);
+    2. :meth:`load_models` -> the models, through their libraries' ``from_pretrained``;
+    3. :meth:`build_artifacts` (models, splits) -> the splits with what training reads besides the rows
+       (tokenized rows, prompt embeddings, latent caches);
+    4. :meth:`make_reference` (models, splits) -> the reference (:mod:`mmpref.training.reference`);
+    5. :meth:`wrap_for_training` (models) -> the module to train (gradient checkpointing, LoRA, EMA).
+
+    Attributes set by the stages: ``model`` (the module to train, before ``accelerator.prepare``; the loop passes
+    the prepared one back to :meth:`rows` and the hooks), ``train`` (the training :class:`Split`), ``eval`` (the
+    evaluation split, or None) and ``reference``.
     """
 
     #: "text" | "diffusion": the model card's kind of model (pipeline tag, usage, tags)
@@ -51,6 +65,31 @@ class Task(ABC):
     train: Split
     eval: Split | None
 
+    def __init__(self, plan: RunPlan, accelerator) -> None:
+        self.plan, self.cfg, self.accelerator = plan, plan.cfg, accelerator
+        self.source = plan.source
+
+    # -- the stages, in the order the loop calls them ---------------------------------------------
+    @abstractmethod
+    def prepare_splits(self) -> Splits:
+        """The training and evaluation rows, validated (bad rows reported or left out)."""
+
+    @abstractmethod
+    def load_models(self) -> Any:
+        """The models of the run, loaded (what :meth:`build_artifacts` and later stages take)."""
+
+    @abstractmethod
+    def build_artifacts(self, models: Any, splits: Splits) -> Splits:
+        """The splits with what batches read besides the rows, computed or opened from their caches."""
+
+    @abstractmethod
+    def make_reference(self, models: Any, splits: Splits) -> Reference | None:
+        """The run's reference (``plan.reference`` says which kind), or None for a reference-free loss."""
+
+    @abstractmethod
+    def wrap_for_training(self, models: Any) -> nn.Module:
+        """The module to train: memory savers and LoRA applied, EMA set up."""
+
     # -- what every task implements ---------------------------------------------------------------
     @abstractmethod
     def collate_train(self, indices: list[int], epoch: int = 0) -> dict[str, Tensor]:
@@ -63,7 +102,7 @@ class Task(ABC):
         """The evaluation batch of these rows of ``eval`` (deterministic: evaluations are comparable)."""
 
     @abstractmethod
-    def rows(self, model: nn.Module, batch: dict[str, Tensor]) -> Rows:
+    def rows(self, model: nn.Module, batch: dict[str, Tensor]) -> LogRatios:
         """The per-row implicit log-ratios (and what the loss reads besides) of ``batch`` under ``model``.
 
         Runs under the loop's autocast, for training (with grad) and evaluation (no grad) alike.

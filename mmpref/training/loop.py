@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
+from mmpref.errors import ConfigError
 from mmpref.files import atomic_folder
 from mmpref.losses import LogRatios, Objective
 from mmpref.progress import progress
@@ -43,6 +44,8 @@ from mmpref.training.distributed import sharding
 from mmpref.training.model_card import push_to_hub, write_model_card
 from mmpref.training.plan import plan
 from mmpref.training.plots import plot_metrics
+from mmpref.training.run_identity import check_resume, run_identity
+from mmpref.training.run_lock import lock_output_dir
 from mmpref.training.run_report import peak_host_rss_gib, summary_line
 from mmpref.training.task import Task
 
@@ -255,33 +258,43 @@ def train(
     model: torch.nn.Module | None = None,
     tokenizer=None,
     callbacks: Sequence[Callback] = (),
+    allow_changes: bool = False,
 ) -> Path:
     """Train as configured; returns the folder of the final model (``output_dir/final``).
 
-    ``resume`` ("latest" or a checkpoint folder) continues a run exactly. SIGTERM or SIGINT during the
+    ``resume`` ("latest" or a checkpoint folder) continues a run exactly. A checkpoint written for another
+    model, other data or another objective is refused (:class:`~mmpref.training.run_identity.RunChanged`)
+    unless ``allow_changes``: then its weights and optimizer are resumed, with the data from its first row
+    when the data order changed. SIGTERM or SIGINT during the
     steps saves a checkpoint at the next step boundary and raises :class:`TrainingInterrupted`.
+    One run at a time per ``output_dir``: another one's lock there raises
+    :class:`~mmpref.training.run_lock.OutputDirInUse`.
 
     In-memory work, as with TRL's trainer: ``train_dataset`` / ``eval_dataset`` (a ``datasets.Dataset`` or
     a list of row dicts) replace ``dataset`` / ``eval_dataset``; ``model`` and ``tokenizer`` (text: an
     already loaded causal LM and its tokenizer) replace ``model``. Rows are validated as files are.
     """
+    if allow_changes and not resume:
+        raise ConfigError("--allow-changes: only with --resume (train(..., resume=..., allow_changes=True))")
     stop = _StopRequest()
     given = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer)
     try:
-        return _train(cfg, resume, stop, given, list(callbacks))
+        return _train(cfg, resume, stop, given, list(callbacks), allow_changes)
     finally:
         stop.disarm()
 
 
-def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict, callbacks: list) -> Path:
-    run = _Run(cfg, stop, given, callbacks)
-    run.resume(resume)
-    if run.state["step"] == 0:
-        run.log(evaluate(run.task, run.model, cfg, run.objective, run.accelerator), 0)
-    run.start_steps()
-    while run.state["step"] < run.max_steps:
-        run.step()
-    return run.finish()
+def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict, callbacks: list,
+           allow_changes: bool = False) -> Path:  # fmt: skip
+    with ExitStack() as held:  # what the run holds until it ends, however it ends: the output_dir lock
+        run = _Run(cfg, stop, given, callbacks, held, resume, allow_changes)
+        run.resume(resume)
+        if run.state["step"] == 0:
+            run.log(evaluate(run.task, run.model, cfg, run.objective, run.accelerator), 0)
+        run.start_steps()
+        while run.state["step"] < run.max_steps:
+            run.step()
+        return run.finish()
 
 
 def _make_accelerator(cfg: TrainConfig, trackers: list[str], out: Path) -> Accelerator:
@@ -305,7 +318,8 @@ class _Run:
     """
 
     # -- setup: accelerator, plan, the build's stages, optimizer and scheduler ---------------------
-    def __init__(self, cfg: TrainConfig, stop: _StopRequest, given: dict, callbacks: list):
+    def __init__(self, cfg: TrainConfig, stop: _StopRequest, given: dict, callbacks: list, held: ExitStack,
+                 resume: str | None = None, allow_changes: bool = False):  # fmt: skip
         self.cfg, self.stop, self.callbacks = cfg, stop, callbacks
         self.out = out = Path(cfg.output_dir)
         self.trackers = [t for t in cfg.report_to if t != "none"]
@@ -313,6 +327,12 @@ class _Run:
         # every config or data-shape mistake stops here, in seconds, before any weights load or anything is written
         self.plan = run_plan = plan(cfg, accelerator, given)
         self.source, self.objective = run_plan.source, run_plan.objective
+        held.enter_context(lock_output_dir(out, accelerator))  # one run per output_dir, before anything is written
+        # what a checkpoint must have been written for, checked before any weights load
+        self.identity, self.checkpoint, self.restart_data = run_identity(run_plan), None, False
+        if resume:
+            self.checkpoint = find_checkpoint(out, resume, main_process=accelerator.is_main_process)
+            self.restart_data = check_resume(self.checkpoint, self.identity, allow_changes, accelerator.is_main_process)
         if accelerator.is_main_process:
             (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         set_seed(cfg.seed)
@@ -345,16 +365,19 @@ class _Run:
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "scaler_skipped_steps": 0}
         pending = {"sums": {}, "count": 0}
         if resume:
-            ckpt = find_checkpoint(out, resume, main_process=accelerator.is_main_process)
+            ckpt = self.checkpoint  # found, and its identity checked, in __init__
             check_weights_only(ckpt)
             accelerator.load_state(str(ckpt))
             self.state.update(json.loads((ckpt / STATE_FILE).read_text()))
             pending = self.state.pop("pending_metrics", pending)
+            if self.restart_data:  # --allow-changes with other data: from its first row
+                self.state.update(epoch=0, batch_in_epoch=0)
             if accelerator.is_main_process:  # what comes after the checkpoint is logged again
                 rewind_metrics(out / "metrics.jsonl", self.state["step"])
             accelerator.print(f"resumed from {ckpt} at step {self.state['step']}")
         if accelerator.is_main_process and not resume and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
+        self.state["run_identity"] = self.identity  # recorded in every checkpoint
         if self.trackers:
             accelerator.init_trackers("mmpref", config=_flat(to_dict(self.cfg)))
         # a resumed run completes the log window it stopped in

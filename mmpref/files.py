@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,27 @@ def _umask() -> int:
 
 # what open(path, "w") and mkdir would give: mkstemp / mkdtemp make 0o600 / 0o700, private to the owner
 FILE_MODE, FOLDER_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+
+
+def path_problem(path: Path | str, want: str = "file") -> str | None:
+    """Why ``path`` cannot be read as a regular file, naming what it is instead (a folder, a FIFO, a socket or
+    device, an unreadable file, nothing); None when it can. ``want`` names what was expected, for the message."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"no such {want} {path}"
+    except OSError as exc:
+        return f"{path} is not usable ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return f"{path} is a folder, not a {want}"
+    if stat.S_ISFIFO(mode):
+        return f"{path} is a named pipe (FIFO), not a {want}"
+    if not stat.S_ISREG(mode):
+        return f"{path} is a socket or device, not a {want}"
+    if not os.access(path, os.R_OK):
+        return f"{path} is not readable (permission denied)"
+    return None
 
 
 def atomic_write(path: Path | str, write: Callable[[Path], object]) -> None:

@@ -9,18 +9,23 @@ cache, ``HF_HOME``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` work exactly as with tra
 (``config.json`` for transformers, ``model_index.json`` for a diffusers pipeline, ...), from the cache
 when offline. So a typo, a private repo, an id missing from the cache under ``HF_HUB_OFFLINE=1``, or a
 folder that is not a model stops the run in a second with the config key, the value and the fix named,
-instead of a traceback from deep inside a library.
+instead of a traceback from deep inside a library. Its weights files on disk are checked from their headers
+and sizes (:func:`weights_problem`): a truncated download or a Git LFS pointer is named with the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmpref.errors import ConfigError
+from mmpref.errors import ConfigError, ModelFileError
 
 TRANSFORMERS = ("config.json",)
 DIFFUSERS_PIPELINE = ("model_index.json",)
@@ -146,7 +151,9 @@ def resolve_model(
                 f"{key}: {value} is a folder but not {what} (it has no {' or '.join(markers)}); "
                 "point it at the folder save_pretrained wrote, or at a hub id"
             )
-        return ModelSource(key, str(path), None, path, None, found)
+        source = ModelSource(key, str(path), None, path, None, found)
+        check_weight_files(source)
+        return source
     name, pinned = split_revision(value)
     if value.startswith((".", "/", "~")) or os.sep in value.replace("/", "") or not HUB_ID.fullmatch(name):
         raise ConfigError(f"{key}: no such folder {value} (and it is not a hub id of the form ORG/NAME)")
@@ -155,8 +162,79 @@ def resolve_model(
         path = _hub_file(source, marker)
         if path is not None:
             commit = path.parts[path.parts.index("snapshots") + 1] if "snapshots" in path.parts else None
-            return ModelSource(key, name, source.revision, None, commit, marker)
+            found = ModelSource(key, name, source.revision, None, commit, marker)
+            check_weight_files(found)  # the files already in the cache
+            return found
     raise ConfigError(f"{key}: the hub repository {name} is not {what} (it has no {' or '.join(markers)})")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_problem(path: Path) -> str | None:
+    """Why the weights file ``path`` cannot load, from its header and size alone (no weights read): not a file,
+    a Git LFS pointer in place of the weights, a safetensors file cut short or with a broken header, a torch zip
+    archive without its end; None when nothing is wrong as far as that can tell."""
+    from mmpref.files import path_problem
+
+    problem = path_problem(path)
+    if problem:
+        return problem
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            return f"{path} is a Git LFS pointer, not the weights (the download or clone did not fetch them)"
+        if path.suffix == ".safetensors":
+            n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+            if n < 0 or n > size - 8:
+                return f"{path} is truncated or not a safetensors file ({size} bytes)"
+            f.seek(8)
+            try:
+                header = json.loads(f.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError):
+                return f"{path} has a damaged safetensors header"
+            if 8 + n + end != size:
+                return f"{path} is truncated: its header describes {8 + n + end} bytes, the file has {size}"
+        elif head.startswith(b"PK") and not zipfile.is_zipfile(path):  # torch's zip format, cut short
+            return f"{path} is truncated (a torch archive without its end, {size} bytes)"
+    return None
+
+
+def check_weight_files(source: ModelSource) -> None:
+    """Every weights file the model ``source`` has on disk (a local folder, or the files of a hub snapshot in the
+    cache so far) checked by :func:`weights_problem`; the first bad one raises :class:`ModelFileError` naming the
+    key, the file and how to get a good copy."""
+    root = source.folder if source.folder is not None else _snapshot_root(source)
+    if root is None:
+        return
+    for path in sorted(root.rglob("*")):
+        if path.suffix in WEIGHT_SUFFIXES and (problem := weights_problem(path)):
+            fix = (f"delete it and download again (huggingface-cli download {source.name} --force-download)"
+                   if source.is_hub else "replace it with a complete copy (save_pretrained or download again)")  # fmt: skip
+            raise ModelFileError(f"{source.key}: {problem}; {fix}")
+
+
+def _snapshot_root(source: ModelSource) -> Path | None:
+    """The cached snapshot folder of a hub model (its marker file's folder), or None when not cached."""
+    marker = _hub_file(source, source.marker) if source.marker else None
+    return marker.parent if marker is not None else None
+
+
+@contextmanager
+def weights_named_on_failure(source: ModelSource | None) -> Iterator[None]:
+    """Around a ``from_pretrained``: when loading fails and a weights file of ``source`` is damaged, the error
+    is a :class:`ModelFileError` naming it (not the library's deserialisation traceback)."""
+    try:
+        yield
+    except Exception as exc:
+        if source is not None:
+            try:
+                check_weight_files(source)
+            except ModelFileError as named:
+                raise named from exc
+        raise
 
 
 def _hub_file(source: ModelSource, filename: str) -> Path | None:

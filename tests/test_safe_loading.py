@@ -11,6 +11,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from PIL import Image
+from safetensors.torch import save_file
 
 from mmpref.cli import main
 from mmpref.data import embeddings as embeddings_mod
@@ -176,14 +177,14 @@ def test_prompt_embedding_cache_follows_data_and_model(tmp_path, monkeypatch):
     model, cache = tmp_path / "embedder", tmp_path / "cache"
     model.mkdir()
     (model / "modules.json").write_text("[]")  # what marks a sentence-transformers folder
-    (model / "weights.safetensors").write_bytes(b"version one")
+    (model / "weights.bin").write_bytes(b"version one")
     prompts = ["bake bread", "orbit a planet"]
     first = embeddings_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)
     embeddings_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)
     assert CountingEmbedder.calls == 1  # a hit
     embeddings_mod.prompt_embeddings(["bake bread", "orbit a moon"], model=model, cache_dir=cache)
     assert CountingEmbedder.calls == 2  # other data: recomputed
-    (model / "weights.safetensors").write_bytes(b"version two, retrained")
+    (model / "weights.bin").write_bytes(b"version two, retrained")
     again = embeddings_mod.prompt_embeddings(prompts, model=model, cache_dir=cache)
     assert CountingEmbedder.calls == 3  # the model changed in place: recomputed
     torch.testing.assert_close(again, first)
@@ -293,7 +294,7 @@ def test_clip_embedding_cache_follows_captions_and_model(sd15, tmp_path, monkeyp
     clip = tmp_path / "clip"
     clip.mkdir()
     (clip / "open_clip_config.json").write_text("{}")
-    (clip / "open_clip_model.safetensors").write_bytes(b"one")
+    save_file({"w": torch.ones(1)}, clip / "open_clip_model.safetensors")  # stands for the weights
     data = image_task(tmp_path / "task")
 
     def embed():  # every row's embedding, cached before training (cache_latents: ahead)
@@ -311,6 +312,6 @@ def test_clip_embedding_cache_follows_captions_and_model(sd15, tmp_path, monkeyp
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     embed()
     assert len(loads) == 2  # other captions: recomputed
-    (clip / "open_clip_model.safetensors").write_bytes(b"two, retrained")
+    save_file({"w": torch.ones(2)}, clip / "open_clip_model.safetensors")  # retrained in place
     embed()
     assert len(loads) == 3  # other weights: recomputed

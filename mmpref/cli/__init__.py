@@ -78,13 +78,13 @@ def configure_logging(quiet: bool = False) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors a user fixes by changing a config, an argument or an input: exit code 2, no traceback."""
     from mmpref.data import DataError
-    from mmpref.errors import ConfigError
+    from mmpref.errors import ConfigError, ModelFileError
     from mmpref.metrics.clip_embedder import BadImageError, EmbedderError
     from mmpref.metrics.report import StyleInputError
     from mmpref.training.checkpoint import CheckpointError
     from mmpref.training.run_lock import OutputDirInUse
 
-    return (ConfigError, DataError, CheckpointError, StyleInputError, BadImageError, EmbedderError,
+    return (ConfigError, DataError, ModelFileError, CheckpointError, StyleInputError, BadImageError, EmbedderError,
             FileNotFoundError, NotADirectoryError, OutputDirInUse)  # fmt: skip
 
 

@@ -46,7 +46,7 @@ from mmpref.data.sources import open_rows
 from mmpref.data.splits import ROWS_PER_BATCH
 from mmpref.data.text_checks import text_problem
 from mmpref.data.validation import bad_rows_error, score_problem
-from mmpref.files import atomic_write
+from mmpref.files import atomic_write, path_problem
 
 logger = logging.getLogger(__name__)
 
@@ -267,10 +267,8 @@ def _resolve(value: Any, base: Path, confine_to: Path | None = None) -> tuple[Im
                 f"path {value!r} points outside the dataset folder {root}; with confine_image_paths, image "
                 "paths must stay inside it (copy the images there, or store them as bytes)"
             )
-        try:
-            return (path, None) if path.is_file() else (None, f"no such file {path}")
-        except OSError as exc:  # e.g. a name too long for the file system
-            return None, f"path {value!r} is not usable ({exc.strerror or exc})"
+        problem = path_problem(path)  # a folder, a FIFO, unreadable, missing: named as such
+        return (None, problem) if problem else (path, None)
     return None, f"must be bytes or a file path, got {type(value).__name__}"
 
 

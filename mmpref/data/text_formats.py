@@ -52,7 +52,7 @@ def extract_prompt(chosen: str | list, rejected: str | list) -> tuple[str | list
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
-def _is_chat(feature: Any) -> bool:
+def is_conversation(feature: Any) -> bool:
     """Whether a column holds conversations (lists of message structs) by its feature type."""
     return isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(feature.feature, dict)
 
@@ -62,7 +62,7 @@ def needs_prompt_extraction(features: datasets.Features) -> bool:
     prompt beside conversations (TRL's ``maybe_extract_prompt``)."""
     if "prompt" not in features:
         return True
-    return _is_chat(features["chosen"]) and not _is_chat(features["prompt"])
+    return is_conversation(features["chosen"]) and not is_conversation(features["prompt"])
 
 
 def _extracted(batch: dict[str, list]) -> dict[str, list]:

@@ -147,6 +147,9 @@ class TrainConfig:
     max_length: int = 512
     max_prompt_length: int = 256
     truncation_mode: str = "keep_end"  # keep_end | keep_start, for the prompt
+    # conversational rows: the Jinja chat template to render them with (a template string, or a .jinja file),
+    # in place of the tokenizer's own; needed when the tokenizer has none (a base model)
+    chat_template: str | None = None
     # LM head over this many answer positions at a time, recomputed in backward: the [tokens, vocabulary]
     # logits never exist whole (≈ 0.6 GB a chunk at a 151,936 vocabulary); 0: all at once
     lm_head_chunk_size: int = 1024

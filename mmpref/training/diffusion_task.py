@@ -36,7 +36,7 @@ from mmpref.data.image_stream import ImageStream
 from mmpref.data.images import BadImageRow, ImagePair, ImageRows, prepare_image_dataset
 from mmpref.data.row_cache import RowCache
 from mmpref.data.splits import Splits, prepare_splits
-from mmpref.hub import folder_fingerprint
+from mmpref.hub import folder_fingerprint, weights_named_on_failure
 from mmpref.losses import LogRatios, tie_accuracy
 from mmpref.progress import progress
 from mmpref.training.config import DTYPES
@@ -135,7 +135,8 @@ class DiffusionTask(Task):
         weight_dtype = MIXED.get(self.accelerator.mixed_precision, DTYPES[cfg.torch_dtype])
 
         def part(cls, subfolder: str, **kwargs):  # one component of the pipeline, hub id or folder alike
-            return cls.from_pretrained(source.name, subfolder=subfolder, **source.kwargs, **kwargs)
+            with weights_named_on_failure(source):  # a damaged weights file is named, not a library traceback
+                return cls.from_pretrained(source.name, subfolder=subfolder, **source.kwargs, **kwargs)
 
         self.is_sdxl = self.plan.sdxl
         self.unet = part(UNet2DConditionModel, "unet", torch_dtype=DTYPES[cfg.torch_dtype])

@@ -26,6 +26,7 @@ from mmpref.data.errors import DataError
 from mmpref.data.sources import RowSource, open_rows, open_stream
 from mmpref.data.splits import config_sources, held_out_split
 from mmpref.errors import ConfigError
+from mmpref.files import path_problem
 from mmpref.hub import ModelSource
 from mmpref.losses import Objective
 from mmpref.training.config import DATA_SUFFIXES, TrainConfig
@@ -123,6 +124,8 @@ def plan(cfg: TrainConfig, accelerator, given: dict | None = None) -> RunPlan:
     for data in (train, evaluation):
         if data is not None:
             _check_columns(data, modality, objective)
+            if modality == "text":
+                _check_chat_template(cfg, data, source, given.get("tokenizer"))
     run = RunPlan(cfg=cfg, modality=modality, source=source, objective=objective, reference=reference, train=train,
                   eval=evaluation, held_out=held_out, processes=accelerator.num_processes, sharding=sharding(accelerator), sdxl=sdxl,
                   given={k: given[k] for k in ("model", "tokenizer") if k in given})  # fmt: skip
@@ -335,6 +338,46 @@ def _check_columns(data: DataPlan, modality: str, objective: Objective) -> None:
         if not all(c in data.columns for c in wanted):
             raise ConfigError(f"{objective.type_key}: {objective.base} needs {' and '.join(wanted)} in every row; "
                               f"{data.name} has the columns {', '.join(data.columns)}")  # fmt: skip
+
+
+def chat_template_text(cfg: TrainConfig) -> str | None:
+    """The ``chat_template`` key's template: the file it names (``.jinja``, or any existing file), else the string."""
+    value = cfg.chat_template
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.suffix in (".jinja", ".j2") or (len(value) < 4096 and "{" not in value and path.exists()):
+        if (problem := path_problem(path, "template file")) is not None:
+            raise ConfigError(f"chat_template: {problem}")
+        return path.read_text(encoding="utf-8")
+    return value
+
+
+def _has_chat_template(source: ModelSource | None, tokenizer) -> bool:
+    """Whether the tokenizer (given, or the model's files) carries a chat template, read from its files only."""
+    if tokenizer is not None:
+        return bool(getattr(tokenizer, "chat_template", None))
+    if source.file("chat_template.jinja") is not None or source.file("chat_template.json") is not None:
+        return True
+    return bool(_read_json(source, "tokenizer_config.json").get("chat_template"))
+
+
+def _check_chat_template(cfg: TrainConfig, data: DataPlan, source: ModelSource | None, tokenizer) -> None:
+    """Conversational rows need a chat template: the tokenizer's own or the ``chat_template`` key's."""
+    from mmpref.data.text_formats import is_conversation
+
+    features = data.rows.dataset.features if data.rows is not None else getattr(data.stream[0], "features", None)
+    columns = ("prompt", "chosen", "completion")
+    if not features or not any(is_conversation(features[c]) for c in columns if c in features):
+        return
+    if chat_template_text(cfg) is not None or _has_chat_template(source, tokenizer):
+        return
+    name = source.name if source is not None else "the given tokenizer"
+    raise ConfigError(
+        f"chat_template: {data.name} holds conversations (lists of messages), and {name} has no chat template to "
+        "render them with (a base model's tokenizer); set chat_template: to a Jinja template (a string or a .jinja "
+        "file), train a chat model, or give the rows as plain text"
+    )
 
 
 def _labels(train: DataPlan, held_out: tuple[list[int], list[int]] | None) -> torch.Tensor | None:

@@ -24,10 +24,11 @@ from mmpref.data.splits import Splits, prepare_splits
 from mmpref.data.tokenized import TextStream, TokenizedSplit, TokenLimits, chunks, short_hash
 from mmpref.data.validation import prepare_text_dataset
 from mmpref.files import KeyedCache, atomic_save
+from mmpref.hub import weights_named_on_failure
 from mmpref.losses import LogRatios
 from mmpref.progress import progress
 from mmpref.training.config import DTYPES
-from mmpref.training.plan import DataPlan
+from mmpref.training.plan import DataPlan, chat_template_text
 from mmpref.training.reference import AdaptersOff, FrozenCopy, Precomputed, Reference
 from mmpref.training.task import Task
 
@@ -72,12 +73,15 @@ class TextTask(Task):
 
         cfg, source, given = self.cfg, self.source, self.plan.given or {}
         tokenizer, model = given.get("tokenizer"), given.get("model")
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(source.name, trust_remote_code=cfg.trust_remote_code,
-                                                      **source.kwargs)  # fmt: skip
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(source.name, dtype=DTYPES[cfg.torch_dtype],
-                                                         trust_remote_code=cfg.trust_remote_code, **source.kwargs)  # fmt: skip
+        with weights_named_on_failure(source):  # a damaged weights file is named, not a library traceback
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(source.name, trust_remote_code=cfg.trust_remote_code,
+                                                          **source.kwargs)  # fmt: skip
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(source.name, dtype=DTYPES[cfg.torch_dtype],
+                                                             trust_remote_code=cfg.trust_remote_code, **source.kwargs)  # fmt: skip
+        if (template := chat_template_text(cfg)) is not None:  # the config's, in place of the tokenizer's own
+            tokenizer.chat_template = template
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer

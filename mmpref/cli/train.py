@@ -16,9 +16,11 @@ TINY_SCORER_KINDS = ("pickscore", "hpsv2", "imagereward", "aesthetic")  # clipsc
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mmpref.training import load_config, train
-    from mmpref.training.loop import NonFiniteLossError, TrainingInterrupted
+    from mmpref.training import ConfigError, load_config, train
+    from mmpref.training.events import NonFiniteLossError, TrainingInterrupted
 
+    if args.allow_changes and not args.resume:
+        raise ConfigError("--allow-changes: only with --resume (it lets a resume go on after the run changed)")
     cfg = load_config(args.config, args.overrides)
     try:
         final = train(cfg, resume=args.resume, allow_changes=args.allow_changes)

@@ -1,6 +1,7 @@
 """One training loop for every modality, on Accelerate."""
 
 from mmpref.training.config import ConfigError, TrainConfig, load_config
-from mmpref.training.loop import Callback, NonFiniteLossError, TrainingInterrupted, train
+from mmpref.training.events import Callback, NonFiniteLossError, TrainingInterrupted
+from mmpref.training.loop import train
 
 __all__ = ["Callback", "ConfigError", "NonFiniteLossError", "TrainConfig", "TrainingInterrupted", "load_config", "train"]

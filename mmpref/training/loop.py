@@ -11,9 +11,6 @@ import json
 import logging
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
@@ -27,7 +24,6 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from mmpref.errors import ConfigError
 from mmpref.files import atomic_folder
 from mmpref.losses import LogRatios, Objective
 from mmpref.progress import progress
@@ -41,6 +37,7 @@ from mmpref.training.checkpoint import (
 )
 from mmpref.training.config import TrainConfig, to_dict
 from mmpref.training.distributed import sharding
+from mmpref.training.events import Callback, NonFiniteLossError, StopRequest, TrainingInterrupted
 from mmpref.training.model_card import push_to_hub, write_model_card
 from mmpref.training.plan import plan
 from mmpref.training.plots import plot_metrics
@@ -50,51 +47,6 @@ from mmpref.training.run_report import peak_host_rss_gib, summary_line
 from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient went NaN or inf; the message names the step and the dataset rows."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint was saved there."""
-
-    def __init__(self, signal_name: str, step: int, checkpoint: Path):
-        super().__init__(
-            f"{signal_name} received: stopped after step {step}, checkpoint saved to {checkpoint}"
-        )
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-
-
-class _StopRequest:
-    """Turns SIGTERM / SIGINT into a request that the loop honours at the next step boundary.
-
-    The first signal only records the request and puts the previous handler back, so a second one
-    acts as usual: Ctrl-C twice interrupts at once, a second SIGTERM terminates.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict = {}
-
-    def arm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # Python runs handlers in the main thread only, and sets them only from there
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._request)
-
-    def _request(self, signum: int, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, self._previous.pop(signum, None) or signal.SIG_DFL)
-        print(f"{self.signal_name}: saving a checkpoint at the end of this step, then stopping "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
-
-    def disarm(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler or signal.SIG_DFL)
-        self._previous.clear()
 
 
 def build_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
@@ -233,22 +185,6 @@ def _skip_or_stop(problem: tuple[str, list[int]], step: int, state: dict, cfg: T
                        f"({state['skipped_steps']} of at most {cfg.max_skipped_steps})")  # fmt: skip
 
 
-class Callback:
-    """Hooks into a run, for the Python API (``train(cfg, callbacks=[...])``); override what you need.
-
-    They run on the main process only, between steps: a hook sees the state the loop has then.
-    """
-
-    def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        """After each logged window of training metrics and after each evaluation."""
-
-    def on_step_end(self, step: int, model: torch.nn.Module) -> None:
-        """After each optimizer step (``model`` as prepared by Accelerate)."""
-
-    def on_train_end(self, final_dir: Path) -> None:
-        """Once ``final_dir`` holds the saved model."""
-
-
 def train(
     cfg: TrainConfig,
     resume: str | None = None,
@@ -274,9 +210,9 @@ def train(
     a list of row dicts) replace ``dataset`` / ``eval_dataset``; ``model`` and ``tokenizer`` (text: an
     already loaded causal LM and its tokenizer) replace ``model``. Rows are validated as files are.
     """
-    if allow_changes and not resume:
-        raise ConfigError("--allow-changes: only with --resume (train(..., resume=..., allow_changes=True))")
-    stop = _StopRequest()
+    if allow_changes and not resume:  # the CLI refuses the flag alone with exit 2 (mmpref.cli.train)
+        raise ValueError("allow_changes: only with resume (train(..., resume=..., allow_changes=True))")
+    stop = StopRequest()
     given = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer)
     try:
         return _train(cfg, resume, stop, given, list(callbacks), allow_changes)
@@ -284,7 +220,7 @@ def train(
         stop.disarm()
 
 
-def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest, given: dict, callbacks: list,
+def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest, given: dict, callbacks: list,
            allow_changes: bool = False) -> Path:  # fmt: skip
     with ExitStack() as held:  # what the run holds until it ends, however it ends: the output_dir lock
         run = _Run(cfg, stop, given, callbacks, held, resume, allow_changes)
@@ -318,7 +254,7 @@ class _Run:
     """
 
     # -- setup: accelerator, plan, the build's stages, optimizer and scheduler ---------------------
-    def __init__(self, cfg: TrainConfig, stop: _StopRequest, given: dict, callbacks: list, held: ExitStack,
+    def __init__(self, cfg: TrainConfig, stop: StopRequest, given: dict, callbacks: list, held: ExitStack,
                  resume: str | None = None, allow_changes: bool = False):  # fmt: skip
         self.cfg, self.stop, self.callbacks = cfg, stop, callbacks
         self.out = out = Path(cfg.output_dir)

@@ -2,11 +2,13 @@
 
 Every writer in mmpref goes through these: a file (or folder) is written under a temporary name in its own
 folder and renamed into place, so after a crash or a kill it is complete or absent, and two processes writing
-the same name leave one whole copy.
+the same name leave one whole copy. A full disk while writing (:func:`is_disk_full`) is raised as one
+:class:`~mmpref.errors.DiskFullError` naming the path, with the temporary file or folder removed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -17,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from torch import Tensor
+
+from mmpref.errors import DiskFullError
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +56,56 @@ def path_problem(path: Path | str, want: str = "file") -> str | None:
     return None
 
 
-def atomic_write(path: Path | str, write: Callable[[Path], object]) -> None:
+# how each writer reports a full disk: errno (open, write, rename), safetensors' Rust I/O error text, and
+# torch's zip writer, which checks its position after a short write instead of passing the errno on
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "(os error 28)", "(os error 122)",
+                   "PytorchStreamWriter failed writing file")  # fmt: skip
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from or while handling) says the disk or a quota is full."""
+    for _ in range(8):  # the chain of causes, not a cycle
+        if exc is None:
+            return False
+        if isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS):
+            return True
+        text = str(exc)
+        if any(t in text for t in DISK_FULL_TEXTS) or ("inline_container" in text and "unexpected pos" in text):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def raise_if_disk_full(exc: BaseException, path: Path | str, what: str, needed: int | None = None) -> None:
+    """In an ``except`` block: raise a :class:`DiskFullError` writing ``path`` from ``exc`` when ``exc`` says the
+    disk is full (and is not one already); otherwise return, for the caller's bare ``raise``."""
+    if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+        raise DiskFullError(path, what, needed) from exc
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], object], *, what: str = "file",
+                 needed: int | None = None) -> None:  # fmt: skip
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
 
-    On any failure the temporary file is removed and the exception propagates; ``path`` keeps what it held.
+    On any failure the temporary file is removed and the exception propagates (a full disk as a
+    :class:`DiskFullError` naming ``path``, ``what`` it is and the bytes it ``needed``); ``path`` keeps what it held.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    except OSError as exc:
+        raise_if_disk_full(exc, path, what, needed)
+        raise
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        raise_if_disk_full(exc, path, what, needed)
         raise
 
 
@@ -75,30 +114,38 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_save(tensors: dict[str, Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
+def atomic_save(tensors: dict[str, Tensor], path: Path | str, metadata: dict[str, str] | None = None, *,
+                what: str = "file") -> None:  # fmt: skip
     """A safetensors file of ``tensors``, complete or not at all."""
     from safetensors.torch import save_file
 
-    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata),
+                 what=what, needed=sum(v.numel() * v.element_size() for v in tensors.values()))  # fmt: skip
 
 
 @contextmanager
-def atomic_folder(path: Path | str) -> Iterator[Path]:
+def atomic_folder(path: Path | str, *, what: str = "folder", needed: int | None = None) -> Iterator[Path]:
     """Yield an empty staging folder beside ``path``; when the block ends without an exception the staging
-    folder replaces ``path`` (an older ``path`` is removed first), otherwise it is removed.
+    folder replaces ``path`` (an older ``path`` is removed first), otherwise it is removed (a full disk raised
+    as a :class:`DiskFullError` naming ``path``, as :func:`atomic_write`).
 
     Between removing the old folder and the rename a reader finds no ``path``, never a half-written one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    staging = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
         yield staging
         os.chmod(staging, FOLDER_MODE)
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)
+    except BaseException as exc:
+        raise_if_disk_full(exc, path, what, needed)
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class KeyedCache:
@@ -137,7 +184,7 @@ class KeyedCache:
 
     def write(self, key: str, tensors: dict[str, Tensor]) -> None:
         if self.folder is not None:
-            atomic_save({k: v.detach().cpu() for k, v in tensors.items()}, self.path(key))
+            atomic_save({k: v.detach().cpu() for k, v in tensors.items()}, self.path(key), what="cache entry")
 
     def get(self, key: str, compute: Callable[..., dict[str, Tensor]], *args: object) -> dict[str, Tensor]:
         """The entry of ``key``, read back, or ``compute(*args)`` stored under ``key`` and returned."""

@@ -9,7 +9,7 @@ The commands, by family (each module's ``register`` adds its parsers, in the ord
 
 A command's function takes the parsed arguments, calls the Python API and prints; :func:`main` turns the
 errors a user can fix (:func:`user_errors`) into ``mmpref <command>: error: <message>`` on stderr and exit
-code 2.
+code 2, and a full disk (:class:`~mmpref.errors.DiskFullError`) into that message and exit code 74.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import os
 import sys
 
 from mmpref.cli import evaluate, rdpo, style, train
-from mmpref.cli.train import EXIT_INTERRUPTED, EXIT_NONFINITE
+from mmpref.cli.train import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_NONFINITE
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NONFINITE", "build_parser", "configure_logging", "main", "user_errors"]
+__all__ = ["EXIT_DISK_FULL", "EXIT_INTERRUPTED", "EXIT_NONFINITE", "build_parser", "configure_logging", "main",
+           "user_errors"]  # fmt: skip
 
 DESCRIPTION = "The ``mmpref`` command line: a thin layer over the Python API."
 QUIET_HELP = "warnings and errors only: no info messages, no progress bars (before or after the command)"
@@ -78,19 +79,20 @@ def configure_logging(quiet: bool = False) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors a user fixes by changing a config, an argument or an input: exit code 2, no traceback."""
     from mmpref.data import DataError
-    from mmpref.errors import ConfigError, ModelFileError
+    from mmpref.errors import ConfigError, LowDiskSpaceError, ModelFileError
     from mmpref.metrics.clip_embedder import BadImageError, EmbedderError
     from mmpref.metrics.report import StyleInputError
     from mmpref.training.checkpoint import CheckpointError
     from mmpref.training.run_lock import OutputDirInUse
 
     return (ConfigError, DataError, ModelFileError, CheckpointError, StyleInputError, BadImageError, EmbedderError,
-            FileNotFoundError, NotADirectoryError, OutputDirInUse)  # fmt: skip
+            LowDiskSpaceError, FileNotFoundError, NotADirectoryError, OutputDirInUse)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.quiet)
+    from mmpref.errors import DiskFullError
     from mmpref.progress import quiet_bars
     from mmpref.training.model_card import HubUploadError
 
@@ -101,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except fixable as e:
         print(f"mmpref {args.command_name}: error: {e}", file=sys.stderr)
         return 2
+    except DiskFullError as e:  # what was being written, the sizes, and (a run) the checkpoint to resume from
+        print(f"mmpref {args.command_name}: error: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except HubUploadError as e:  # the run itself is complete on disk: say so, without a traceback
         print(f"mmpref {args.command_name}: error: {e}", file=sys.stderr)
         return 1

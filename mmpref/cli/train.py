@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 # `mmpref train` exit codes besides 0: 1 a non-finite loss or gradient stopped the run; 2 a config,
-# data or checkpoint problem stopped it before training; 75 (sysexits' EX_TEMPFAIL) SIGTERM / SIGINT
+# data or checkpoint problem stopped it before training (or, with fail_on_low_disk, too little disk);
+# 74 (sysexits' EX_IOERR, every command) the disk filled up while writing, and `--resume` continues from the
+# newest complete checkpoint once space is freed; 75 (sysexits' EX_TEMPFAIL) SIGTERM / SIGINT
 # stopped it at a step boundary after saving a checkpoint, and `--resume` continues it.
 EXIT_NONFINITE = 1
+EXIT_DISK_FULL = 74
 EXIT_INTERRUPTED = 75
 TINY_SCORER_KINDS = ("pickscore", "hpsv2", "imagereward", "aesthetic")  # clipscore takes `make-tiny clip`
 

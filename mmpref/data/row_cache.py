@@ -155,7 +155,7 @@ class RowCache:
         self._scan()
         if not self.extra:
             self.extra = {k: _stored(v) for k, v in make().items()}
-            atomic_save(self.extra, self.folder / EXTRA)
+            atomic_save(self.extra, self.folder / EXTRA, what="cache file")
         return self.extra
 
     def flush(self) -> None:
@@ -168,7 +168,7 @@ class RowCache:
         tensors["row"] = torch.tensor(rows, dtype=torch.int64)
         tensors["stamp"] = torch.tensor([self._pending[r][0] for r in rows], dtype=torch.int64)
         path = self.folder / f"chunk-{time.time_ns():020d}-{self._writer}.safetensors"
-        atomic_save(tensors, path)
+        atomic_save(tensors, path, what="cache chunk")
         self._pending.clear()
         self._scan()
 

@@ -179,3 +179,8 @@ class Checkpointer:
                 shutil.rmtree(doomed, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def discard(self, step: int) -> None:
+        """Remove what a failed save of ``step`` left in its hidden folder (a full disk): the complete ones stay."""
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.root / f"{TMP_PREFIX}{self.path(step).name}", ignore_errors=True)

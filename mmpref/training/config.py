@@ -159,6 +159,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the start and the end only
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2
+    # before step 1 the run's checkpoints and final/ are estimated against output_dir's free space: too little is a
+    # warning, or with true an error (exit 2) before training starts
+    fail_on_low_disk: bool = False
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip the optimizer step
     max_skipped_steps: int = 10  # nonfinite: skip stops the run once more steps than this were skipped
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # any Accelerate tracker(s), all, none

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from mmpref.files import atomic_folder
+from mmpref.files import atomic_folder, is_disk_full, raise_if_disk_full
 from mmpref.losses import LogRatios, Objective
 from mmpref.progress import progress
 from mmpref.training.build import build
@@ -36,6 +36,7 @@ from mmpref.training.checkpoint import (
     rewind_metrics,
 )
 from mmpref.training.config import TrainConfig, to_dict
+from mmpref.training.disk import DiskNeeds, check_free_space, explain_disk_full, model_folder, run_needs
 from mmpref.training.distributed import sharding
 from mmpref.training.events import Callback, NonFiniteLossError, StopRequest, TrainingInterrupted
 from mmpref.training.model_card import push_to_hub, write_model_card
@@ -205,6 +206,8 @@ def train(
     steps saves a checkpoint at the next step boundary and raises :class:`TrainingInterrupted`.
     One run at a time per ``output_dir``: another one's lock there raises
     :class:`~mmpref.training.run_lock.OutputDirInUse`.
+    A full disk raises :class:`~mmpref.errors.DiskFullError` naming what was being written and the checkpoint
+    to resume from.
 
     In-memory work, as with TRL's trainer: ``train_dataset`` / ``eval_dataset`` (a ``datasets.Dataset`` or
     a list of row dicts) replace ``dataset`` / ``eval_dataset``; ``model`` and ``tokenizer`` (text: an
@@ -216,6 +219,13 @@ def train(
     given = dict(train_dataset=train_dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer)
     try:
         return _train(cfg, resume, stop, given, list(callbacks), allow_changes)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        error = explain_disk_full(exc, Path(cfg.output_dir))  # the same DiskFullError, or one made from exc
+        if error is exc:
+            raise
+        raise error from exc
     finally:
         stop.disarm()
 
@@ -225,6 +235,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: StopRequest, given: dict,
     with ExitStack() as held:  # what the run holds until it ends, however it ends: the output_dir lock
         run = _Run(cfg, stop, given, callbacks, held, resume, allow_changes)
         run.resume(resume)
+        run.check_disk()
         if run.state["step"] == 0:
             run.log(evaluate(run.task, run.model, cfg, run.objective, run.accelerator), 0)
         run.start_steps()
@@ -252,6 +263,8 @@ class _Run:
     ``state`` is the trainer state a checkpoint stores; ``sums`` / ``count`` the open log window's metric
     sums and micro-batch count; ``units`` what the task counts, for the throughput report.
     """
+
+    disk: DiskNeeds | None = None  # the estimate of a checkpoint and final/ (check_disk)
 
     # -- setup: accelerator, plan, the build's stages, optimizer and scheduler ---------------------
     def __init__(self, cfg: TrainConfig, stop: StopRequest, given: dict, callbacks: list, held: ExitStack,
@@ -328,6 +341,14 @@ class _Run:
                 f.write(json.dumps({"step": step, **values}) + "\n")
             for callback in self.callbacks:
                 callback.on_log(step, values)
+
+    def check_disk(self) -> None:
+        """Before step 1: the checkpoints and final/ estimated against the free space of output_dir (a warning,
+        or with fail_on_low_disk LowDiskSpaceError); the sizes also go into a disk-full message."""
+        accelerator = self.accelerator
+        self.disk = run_needs(self.cfg, accelerator.unwrap_model(self.model), self.params, self.task.checkpoint_objects(),
+                              accelerator.num_processes, model_folder(self.source), self.max_steps, self.state["step"])  # fmt: skip
+        check_free_space(self.cfg, self.disk, accelerator.is_main_process)
 
     def start_steps(self) -> None:
         """The batch iterator at the resumed position, the gradient checks, the progress bar, the signals."""
@@ -478,7 +499,12 @@ class _Run:
             self.log(evaluate(self.task, self.model, cfg, self.objective, accelerator, step), step)
         if (cfg.save_every and step % cfg.save_every == 0) or interrupted:
             self.task.flush()  # what the checkpoint's resume will read (e.g. lazily cached rows)
-            checkpoint = self.checkpointer.save(_checkpoint_state(self.state, self.sums, self.count, accelerator))
+            try:
+                checkpoint = self.checkpointer.save(_checkpoint_state(self.state, self.sums, self.count, accelerator))
+            except BaseException as exc:  # e.g. a full disk: the half-written folder goes, the older ones stay
+                self.checkpointer.discard(step)
+                raise_if_disk_full(exc, self.checkpointer.path(step), "checkpoint", self.disk and self.disk.checkpoint)
+                raise
         if interrupted:
             self.bar.close()
             accelerator.end_training()
@@ -511,7 +537,7 @@ class _Run:
     def _save_final(self, final: Path, full_state: dict | None, final_eval: dict[str, float]) -> None:
         """The model and its card into ``final`` (main process), which appears complete or not at all."""
         cfg, accelerator, task, out = self.cfg, self.accelerator, self.task, self.out
-        with atomic_folder(final) as staging:
+        with atomic_folder(final, what="final model", needed=self.disk and self.disk.final) as staging:
             task.save(accelerator.unwrap_model(self.model), staging, state_dict=full_state)
             # after save: peft's save_pretrained writes a README.md of its own
             write_model_card(staging, cfg, self.source, final_eval, diffusion=task.modality == "diffusion",

@@ -231,5 +231,5 @@ def reference_logps(model: nn.Module, split: TokenizedSplit, *, accelerator, bat
     by_chunk = dict(gather_object(results))
     ref = torch.cat([by_chunk[c] for c in range(len(bounds))])
     if acc.is_main_process and cache is not None:
-        atomic_save({"ref_logps": ref}, cache)
+        atomic_save({"ref_logps": ref}, cache, what="cache file")
     return ref

@@ -120,3 +120,11 @@ def test_response_logps_chunked_equal_the_models_own_logits(tmp_path, tied, lora
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # the reference pass
         torch.testing.assert_close(response_logps(model, batch, chunk_size=3)[0], whole.detach())
+
+
+def test_the_default_chunk_bounds_a_chunks_logits_whatever_the_vocabulary():
+    from mmpref.adapters.lm_head import CHUNK_LOGITS, DEFAULT_CHUNK_SIZE, chunk_size_for
+
+    assert chunk_size_for(32_000) == DEFAULT_CHUNK_SIZE  # a 32k vocabulary keeps the 1024 positions it had
+    assert chunk_size_for(151_936) == 220 and 220 * 151_936 <= CHUNK_LOGITS < 221 * 151_936
+    assert chunk_size_for(10_000_000) == 16  # never fewer positions than that

@@ -210,7 +210,7 @@ def test_two_processes_share_the_chunks_and_match_one_process(lm, tmp_path, monk
             acc = _Rank(task.accelerator, rank, barrier)
             split = tok.TokenizedSplit.build(dataset, "train", task.tokenizer, limits, acc)
             split.ref_logps = tt.reference_logps(model, split, accelerator=acc, batch_size=cfg.eval_batch_size,
-                                                 chunk_size=cfg.lm_head_chunk_size,
+                                                 chunk_size=task.chunk_size,
                                                  pad_token_id=task.tokenizer.pad_token_id, caches=task._reference_caches)  # fmt: skip
             splits[rank] = split
         except BaseException as exc:  # reported below, in the test's thread

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: 1024 × 151,936 float32 logits ≈ 0.6 GB, at any answer length
+DEFAULT_CHUNK_SIZE = 1024  # positions per chunk at most (a 32k vocabulary's: 1024 × 32,000 logits ≈ 131 MB fp32)
+CHUNK_LOGITS = 2**25  # logits per chunk the default allows: ≈ 134 MB in float32, whatever the vocabulary
+
+
+def chunk_size_for(vocab_size: int) -> int:
+    """The default chunk: as many answer positions as keep one chunk's [positions, vocabulary] logits within
+    :data:`CHUNK_LOGITS` (220 at a 151,936 vocabulary), at most :data:`DEFAULT_CHUNK_SIZE`, at least 16."""
+    return max(16, min(DEFAULT_CHUNK_SIZE, CHUNK_LOGITS // max(1, vocab_size)))
 
 
 def logits_transform(config) -> tuple[float | None, float | None]:

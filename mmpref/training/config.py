@@ -151,8 +151,9 @@ class TrainConfig:
     # in place of the tokenizer's own; needed when the tokenizer has none (a base model)
     chat_template: str | None = None
     # LM head over this many answer positions at a time, recomputed in backward: the [tokens, vocabulary]
-    # logits never exist whole (≈ 0.6 GB a chunk at a 151,936 vocabulary); 0: all at once
-    lm_head_chunk_size: int = 1024
+    # logits never exist whole; null: as many as keep a chunk's logits within 2^25 (1024 at a 32k vocabulary,
+    # 220 at 151,936); 0: all at once
+    lm_head_chunk_size: int | None = None
     on_bad_rows: str = "error"  # error | skip
     seed: int = 0
     log_every: int = 10
@@ -260,7 +261,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)!r}")
     for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
+        if _get(cfg, key) is not None and _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)!r}")
     for problem in Objective.from_config(cfg.loss, cfg.rpo).problems():  # the loss and rpo sections
         raise ConfigError(problem)

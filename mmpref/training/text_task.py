@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mmpref.adapters.causal_lm import response_logps
+from mmpref.adapters.lm_head import chunk_size_for
 from mmpref.data.splits import Splits, prepare_splits
 from mmpref.data.tokenized import TextStream, TokenizedSplit, TokenLimits, chunks, short_hash
 from mmpref.data.validation import prepare_text_dataset
@@ -80,6 +81,9 @@ class TextTask(Task):
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(source.name, dtype=DTYPES[cfg.torch_dtype],
                                                              trust_remote_code=cfg.trust_remote_code, **source.kwargs)  # fmt: skip
+        # the LM head's chunk: the config's, or one that bounds a chunk's logits whatever the vocabulary
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.chunk_size = cfg.lm_head_chunk_size if cfg.lm_head_chunk_size is not None else chunk_size_for(vocab)
         if (template := chat_template_text(cfg)) is not None:  # the config's, in place of the tokenizer's own
             tokenizer.chat_template = template
         if tokenizer.pad_token_id is None:
@@ -112,7 +116,7 @@ class TextTask(Task):
         self.reference: Reference | None = None
         if kind == "precomputed":
             compute = partial(reference_logps, accelerator=acc, batch_size=self.cfg.eval_batch_size,
-                              chunk_size=self.cfg.lm_head_chunk_size, pad_token_id=models.tokenizer.pad_token_id,
+                              chunk_size=self.chunk_size, pad_token_id=models.tokenizer.pad_token_id,
                               caches=self._reference_caches)  # fmt: skip
             models.model.to(acc.device)
             self.reference = Precomputed.build(models.model, [s for s in (splits.train, splits.eval) if s is not None],
@@ -159,7 +163,7 @@ class TextTask(Task):
         return self.eval.collate(indices, self.tokenizer.pad_token_id)
 
     def rows(self, model: nn.Module, batch: dict[str, Tensor]) -> LogRatios:
-        chunk = self.cfg.lm_head_chunk_size
+        chunk = self.chunk_size
         logps, counts = response_logps(model, batch, chunk_size=chunk)
         ref = None if self.reference is None else self.reference.logps(model, batch, chunk)
         return LogRatios(

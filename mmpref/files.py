@@ -32,7 +32,8 @@ def _umask() -> int:
 
 
 # what open(path, "w") and mkdir would give: mkstemp / mkdtemp make 0o600 / 0o700, private to the owner
-FILE_MODE, FOLDER_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+_UMASK = _umask()
+FILE_MODE, FOLDER_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 
 def path_problem(path: Path | str, want: str = "file") -> str | None:

@@ -163,7 +163,7 @@ def resolve_model(
         if path is not None:
             commit = path.parts[path.parts.index("snapshots") + 1] if "snapshots" in path.parts else None
             found = ModelSource(key, name, source.revision, None, commit, marker)
-            check_weight_files(found)  # the files already in the cache
+            check_weight_files(found, path.parent)  # the files already in the cache (the marker sits at its root)
             return found
     raise ConfigError(f"{key}: the hub repository {name} is not {what} (it has no {' or '.join(markers)})")
 
@@ -202,11 +202,11 @@ def weights_problem(path: Path) -> str | None:
     return None
 
 
-def check_weight_files(source: ModelSource) -> None:
+def check_weight_files(source: ModelSource, root: Path | None = None) -> None:
     """Every weights file the model ``source`` has on disk (a local folder, or the files of a hub snapshot in the
-    cache so far) checked by :func:`weights_problem`; the first bad one raises :class:`ModelFileError` naming the
-    key, the file and how to get a good copy."""
-    root = source.folder if source.folder is not None else _snapshot_root(source)
+    cache so far; ``root``: that snapshot's folder when the caller has it) checked by :func:`weights_problem`; the
+    first bad one raises :class:`ModelFileError` naming the key, the file and how to get a good copy."""
+    root = root or (source.folder if source.folder is not None else _snapshot_root(source))
     if root is None:
         return
     for path in sorted(root.rglob("*")):

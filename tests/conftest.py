@@ -23,6 +23,21 @@ def one_thread():
 
 
 @pytest.fixture
+def no_weights(monkeypatch) -> None:
+    """Any model weights loaded through transformers (its Auto classes included) or diffusers fail the test: for
+    tests that a mistake is reported before anything heavy loads."""
+    import diffusers
+    import transformers
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the problem was reported")
+
+    for cls in (transformers.PreTrainedModel, _BaseAutoModelClass, diffusers.ModelMixin):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
+
+
+@pytest.fixture
 def wandb_dir(tmp_path, monkeypatch):
     """wandb's real package in offline mode, every folder of it under tmp_path; returns its run root."""
     root = tmp_path / "wandb_home"

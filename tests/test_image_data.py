@@ -22,9 +22,9 @@ from mmpref import hub
 from mmpref.cli import main
 from mmpref.data.image_task import make_image_style_task
 from mmpref.data.images import prepare_image_dataset
+from mmpref.data.splits import epoch_order
 from mmpref.tiny_models import make_tiny_sd15
 from mmpref.training.checkpoint import find_checkpoint, verify_checkpoint
-from mmpref.training.loop import epoch_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -45,7 +45,7 @@ def test_ties_count_half_in_the_diffusion_metrics():
 
 
 def test_unpaired_batches_are_balanced_like_the_authors_loader():
-    from mmpref.training.loop import epoch_order
+    from mmpref.data.splits import epoch_order
 
     labels = torch.tensor([True] * 7 + [False] * 13)
     for epoch in range(3):

@@ -37,18 +37,6 @@ def chat_rows(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def no_weights(monkeypatch) -> None:
-    import transformers
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the problem was reported")
-
-    for cls in (transformers.PreTrainedModel, _BaseAutoModelClass):
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
-
-
 def train(tmp_path, capsys, model: Path, data: Path, *overrides: str) -> tuple[int, str]:
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")

@@ -39,20 +39,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
             "unpaired": unpaired, "images": images, "root": root}  # fmt: skip
 
 
-@pytest.fixture
-def no_weights(monkeypatch) -> None:
-    """Any weights loaded through transformers, diffusers or open_clip fail the test."""
-    import diffusers
-    import transformers
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the config mistake was reported")
-
-    for cls in (transformers.PreTrainedModel, _BaseAutoModelClass, diffusers.ModelMixin):
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
-
-
 def train(files, tmp_path, capsys, model: str, data: str, *overrides: str) -> tuple[int, str]:
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")

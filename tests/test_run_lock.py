@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from mmpref.cli import main
+from mmpref.data.splits import epoch_order
 from mmpref.tiny_models import make_tiny_lm
 from mmpref.training import Callback, load_config, run_lock, train
 from mmpref.training import loop as loop_module
 from mmpref.training.checkpoint import STATE_FILE, write_manifest
-from mmpref.training.loop import epoch_order
 from mmpref.training.run_lock import LOCK_FILE, OutputDirInUse, RunLock
 from mmpref.training.text_task import TextTask
 

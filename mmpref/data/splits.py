@@ -48,6 +48,24 @@ def config_sources(
     return (train, options), (source, eval_options)
 
 
+def epoch_order(size: int, seed: int, epoch: int, labels: torch.Tensor | None = None, batch_size: int = 1) -> list[int]:
+    """The rows of one epoch in a seeded order.
+
+    With ``labels`` (unpaired rows, True = desirable) every batch of ``batch_size`` holds as many desirable as
+    undesirable rows (one more desirable for an odd size), as the RPO authors' loader does, so no batch has
+    one side only; the epoch ends when the smaller side runs out (each epoch reshuffles both sides).
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(size, generator=g)
+    if labels is None or batch_size < 2:
+        return order.tolist()
+    good, bad = order[labels[order]], order[~labels[order]]
+    per_good, per_bad = (batch_size + 1) // 2, batch_size // 2
+    batches = min(len(good) // per_good, len(bad) // per_bad)
+    return [int(i) for b in range(batches) for i in (*good[b * per_good : (b + 1) * per_good],
+                                                      *bad[b * per_bad : (b + 1) * per_bad])]  # fmt: skip
+
+
 def held_out_split(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
     """``(train, eval)`` row indices of ``n`` rows with ``share`` (at least one row) held out, drawn by ``seed``;
     the training rows keep their order."""

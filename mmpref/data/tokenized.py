@@ -26,7 +26,7 @@ from mmpref.adapters.causal_lm import TokenizedRow, collate, tokenize_row
 from mmpref.data.embeddings import indexed_prompt_embeddings, prompt_text
 from mmpref.data.errors import DataError
 from mmpref.data.splits import ROWS_PER_BATCH, iter_rows
-from mmpref.data.validation import TextDataset
+from mmpref.data.validation import TextDataset, label_tensor
 from mmpref.files import KeyedCache
 from mmpref.progress import progress
 
@@ -200,8 +200,8 @@ class TokenizedSplit:
 
     The rows stay in their memory-mapped Arrow file and are read a chunk at a time; only the token ids (packed),
     labels, scores, prompt embeddings and, once computed, the reference log-probs (``ref_logps``) are kept, none
-    as a Python object per row. ``rows.row_numbers``-style numbering: ``self.rows[i].index`` is the source's
-    number of row ``i``, the ``row_index`` of messages.
+    as a Python object per row. ``self.rows[i].index`` is the source's number of row ``i``, the ``row_index`` of
+    messages.
     """
 
     streamed = False  # rows read and tokenized ahead (a streamed split reads them as training goes)
@@ -227,7 +227,7 @@ class TokenizedSplit:
         """
         rows, paired = data.dataset, data.format == "paired"
         packed = _tokenize(rows, data.row_numbers, paired, name, tokenizer, limits, data.cache_dir, accelerator)
-        labels = None if paired else torch.from_numpy(_column(rows, "label").astype(bool))
+        labels = None if paired else label_tensor(rows)
         embeddings = prompt_index = None
         if embedding_model is not False:
             embeddings, prompt_index = indexed_prompt_embeddings(_prompts(rows), model=embedding_model,
@@ -292,10 +292,12 @@ class TextStream(torch.utils.data.IterableDataset):
     name = "train"
 
     def __init__(self, ds: datasets.IterableDataset, source: str, tokenizer, limits: TokenLimits, *, seed: int,
-                 buffer: int, rank: int, world: int, on_bad_rows: str, chosen_scores_higher: bool):  # fmt: skip
+                 buffer: int, rank: int, world: int, on_bad_rows: str, chosen_scores_higher: bool,
+                 columns: Sequence[str] | None = None):  # fmt: skip
+        """``columns``: the stream's column names when known already (else read from its features or first row)."""
         from mmpref.data.text_formats import SCORE_COLUMNS, detect_format, needs_prompt_extraction
 
-        columns = ds.column_names or list(next(iter(ds)))
+        columns = columns or ds.column_names or list(next(iter(ds)))
         try:
             self.format = detect_format(columns)
         except DataError as exc:
@@ -349,11 +351,6 @@ class TextStream(torch.utils.data.IterableDataset):
             if name in items[0][1]:
                 batch[name] = torch.tensor([extra[name] for _, extra in items], dtype=dtype)
         return batch
-
-
-def _column(rows: datasets.Dataset, name: str):
-    """One column of every row as a numpy array, read through Arrow (no Python object per row)."""
-    return rows.select_columns([name]).with_format("arrow")[:][name].to_numpy()
 
 
 def _scores(rows: datasets.Dataset) -> Tensor | None:

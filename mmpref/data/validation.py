@@ -61,17 +61,20 @@ class TextDataset:
     @property
     def labels(self):
         """(rows,) bool tensor of unpaired rows' ``label`` (True = desirable); None for pairs."""
-        if self.format != "unpaired":
-            return None
-        import torch
-
-        table = self.dataset.select_columns(["label"]).with_format("arrow")[:]
-        return torch.from_numpy(table["label"].to_numpy(zero_copy_only=False).astype(bool))
+        return label_tensor(self.dataset) if self.format == "unpaired" else None
 
     def subset(self, positions: Sequence[int]) -> TextDataset:
         """The rows at ``positions`` (an index over the same Arrow file), keeping their source row numbers."""
         return replace(self, dataset=self.dataset.select(positions, keep_in_memory=True),
                        row_numbers=array("q", (self.row_numbers[i] for i in positions)))  # fmt: skip
+
+
+def label_tensor(ds: datasets.Dataset):
+    """(rows,) bool tensor of the ``label`` column of unpaired rows (True = desirable), read through Arrow."""
+    import torch
+
+    table = ds.select_columns(["label"]).with_format("arrow")[:]
+    return torch.from_numpy(table["label"].to_numpy(zero_copy_only=False).astype(bool))
 
 
 def validate_rows(ds: datasets.Dataset, fmt: str, *, implicit_prompt: bool = False, needs_scores: bool = False,

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from mmpref.data.splits import Splits
 from mmpref.training.config import TrainConfig
-from mmpref.training.plan import DEFAULT_EPOCHS, RunPlan, epoch_rows, plan, schedule_length
+from mmpref.training.plan import DEFAULT_EPOCHS, RunPlan, plan, schedule_length
 from mmpref.training.task import Task
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def check_schedule(run_plan: RunPlan, splits: Splits) -> int:
         return cfg.max_steps
     size = len(splits.train)
     labels = getattr(splits.train, "labels", None) if cfg.rpo.balance_unpaired else None
-    max_steps = schedule_length(cfg, epoch_rows(size, labels, cfg.batch_size), run_plan.processes)
+    max_steps = schedule_length(cfg, size, labels, run_plan.processes)
     if cfg.max_steps is None:
         logger.info("%d steps: %s epochs of the training rows", max_steps, cfg.num_epochs or DEFAULT_EPOCHS)
     return max_steps

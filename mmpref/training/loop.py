@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
+from mmpref.data.splits import epoch_order
 from mmpref.files import atomic_folder, is_disk_full, raise_if_disk_full
 from mmpref.losses import LogRatios, Objective
 from mmpref.progress import progress
@@ -63,24 +64,6 @@ def build_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
 
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-
-
-def epoch_order(size: int, seed: int, epoch: int, labels: torch.Tensor | None = None, batch_size: int = 1) -> list[int]:
-    """The rows of one epoch in a seeded order.
-
-    With ``labels`` (unpaired rows, True = desirable) every batch of ``batch_size`` holds as many desirable as
-    undesirable rows (one more desirable for an odd size), as the RPO authors' loader does, so no batch has
-    one side only; the epoch ends when the smaller side runs out (each epoch reshuffles both sides).
-    """
-    g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(size, generator=g)
-    if labels is None or batch_size < 2:
-        return order.tolist()
-    good, bad = order[labels[order]], order[~labels[order]]
-    per_good, per_bad = (batch_size + 1) // 2, batch_size // 2
-    batches = min(len(good) // per_good, len(bad) // per_bad)
-    return [int(i) for b in range(batches) for i in (*good[b * per_good : (b + 1) * per_good],
-                                                      *bad[b * per_bad : (b + 1) * per_bad])]  # fmt: skip
 
 
 def _batches(collate, order, epoch: int, batch_size: int, skip: int, accelerator):

@@ -24,7 +24,8 @@ import torch
 from mmpref import hub
 from mmpref.data.errors import DataError
 from mmpref.data.sources import RowSource, open_rows, open_stream
-from mmpref.data.splits import config_sources, held_out_split
+from mmpref.data.splits import config_sources, epoch_order, held_out_split
+from mmpref.data.validation import label_tensor
 from mmpref.errors import ConfigError
 from mmpref.files import path_problem
 from mmpref.hub import ModelSource
@@ -35,7 +36,6 @@ from mmpref.training.distributed import sharding
 DEFAULT_EPOCHS = 3  # when neither max_steps nor num_epochs is set, as TRL's num_train_epochs
 IMAGE_SCORE_COLUMNS = ("score_0", "score_1")
 TEXT_SCORE_COLUMNS = ("score_chosen", "score_rejected")
-REFERENCES = ("precomputed", "frozen_copy", "adapters_off", "none")
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ class RunPlan:
 
     ``reference``: ``precomputed`` (text: the policy's log-probs before its first update, once), ``frozen_copy``
     (a frozen copy of the weights), ``adapters_off`` (LoRA: the same model with its adapters off) or ``none``
-    (a reference-free loss). ``eval`` is the eval data of its own (or a named split); ``eval_rows`` the row
-    positions of a held-out share of ``train`` (``eval_split`` as a float), else None.
+    (a reference-free loss). ``eval`` is the eval data of its own (or a named split), else None (a held-out
+    share of ``train``, ``eval_split`` as a float, is drawn from the usable rows when the splits are prepared).
     """
 
     cfg: TrainConfig
@@ -69,10 +69,10 @@ class RunPlan:
     reference: str
     train: DataPlan
     eval: DataPlan | None
-    held_out: tuple[list[int], list[int]] | None  # (train, eval) positions of a held-out share
     processes: int
     sharding: str | None
     sdxl: bool = False
+    chat_template: str | None = None  # the ``chat_template`` key's template, read once (a file's contents)
     given: dict | None = None  # the Python API's model / tokenizer (never datasets: the plan opened those)
 
     @property
@@ -120,19 +120,20 @@ def plan(cfg: TrainConfig, accelerator, given: dict | None = None) -> RunPlan:
     check_output_dir(cfg)
     _check_optimizer(cfg)
 
+    template = chat_template_text(cfg) if modality == "text" else None
     train, evaluation, held_out = _open_data(cfg, given, modality)
     for data in (train, evaluation):
         if data is not None:
             _check_columns(data, modality, objective)
-            if modality == "text":
-                _check_chat_template(cfg, data, source, given.get("tokenizer"))
+            if modality == "text" and template is None:
+                _check_chat_template(data, source, given.get("tokenizer"))
     run = RunPlan(cfg=cfg, modality=modality, source=source, objective=objective, reference=reference, train=train,
-                  eval=evaluation, held_out=held_out, processes=accelerator.num_processes, sharding=sharding(accelerator), sdxl=sdxl,
+                  eval=evaluation, processes=accelerator.num_processes, sharding=sharding(accelerator), sdxl=sdxl, chat_template=template,
                   given={k: given[k] for k in ("model", "tokenizer") if k in given})  # fmt: skip
     if not run.streamed:  # rows as datasets counts them; bad rows are left out later (the schedule stage)
         size = len(held_out[0]) if held_out else train.num_rows
-        labels = _labels(train, held_out) if objective.is_rpo and cfg.rpo.balance_unpaired else None
-        schedule_length(cfg, epoch_rows(size, labels, cfg.batch_size), run.processes, ConfigError)
+        labels = _labels(train, held_out) if cfg.rpo.balance_unpaired else None
+        schedule_length(cfg, size, labels, run.processes, ConfigError)
     return run
 
 
@@ -362,15 +363,15 @@ def _has_chat_template(source: ModelSource | None, tokenizer) -> bool:
     return bool(_read_json(source, "tokenizer_config.json").get("chat_template"))
 
 
-def _check_chat_template(cfg: TrainConfig, data: DataPlan, source: ModelSource | None, tokenizer) -> None:
-    """Conversational rows need a chat template: the tokenizer's own or the ``chat_template`` key's."""
+def _check_chat_template(data: DataPlan, source: ModelSource | None, tokenizer) -> None:
+    """Conversational rows need a chat template: without the ``chat_template`` key, the tokenizer's own."""
     from mmpref.data.text_formats import is_conversation
 
     features = data.rows.dataset.features if data.rows is not None else getattr(data.stream[0], "features", None)
     columns = ("prompt", "chosen", "completion")
     if not features or not any(is_conversation(features[c]) for c in columns if c in features):
         return
-    if chat_template_text(cfg) is not None or _has_chat_template(source, tokenizer):
+    if _has_chat_template(source, tokenizer):
         return
     name = source.name if source is not None else "the given tokenizer"
     raise ConfigError(
@@ -384,26 +385,19 @@ def _labels(train: DataPlan, held_out: tuple[list[int], list[int]] | None) -> to
     """The ``label`` column of unpaired training rows (for the balanced epoch length), else None."""
     if train.format != "unpaired" or train.rows is None:
         return None
-    table = train.rows.dataset.select_columns(["label"]).with_format("arrow")[:]
-    labels = torch.from_numpy(table["label"].to_numpy(zero_copy_only=False).astype(bool))
+    labels = label_tensor(train.rows.dataset)
     return labels[held_out[0]] if held_out else labels
 
 
 # -- the schedule -------------------------------------------------------------------------------------------
-def epoch_rows(size: int, labels: torch.Tensor | None, batch_size: int) -> int:
-    """Rows one epoch reads: all, or with ``labels`` (unpaired rows in balanced batches) as many batches as
-    the smaller side fills (:func:`mmpref.training.loop.epoch_order`)."""
-    if labels is None or batch_size < 2:
-        return size
-    good = int(labels.sum())
-    per_good, per_bad = (batch_size + 1) // 2, batch_size // 2
-    return min(good // per_good, (len(labels) - good) // per_bad) * batch_size
-
-
-def schedule_length(cfg: TrainConfig, rows: int, processes: int, error: type[Exception] = DataError) -> int:
-    """``max_steps``, or the optimizer steps of ``num_epochs`` passes over an epoch of ``rows`` rows; raises
-    ``error`` when an epoch gives fewer batches per process than one optimizer step accumulates."""
+def schedule_length(cfg: TrainConfig, size: int, labels: torch.Tensor | None, processes: int,
+                    error: type[Exception] = DataError) -> int:  # fmt: skip
+    """``max_steps``, or the optimizer steps of ``num_epochs`` passes over ``size`` training rows (an epoch as
+    :func:`~mmpref.data.splits.epoch_order` reads it: with ``labels``, balanced batches until the smaller side
+    runs out); raises ``error`` when an epoch gives fewer batches per process than one optimizer step
+    accumulates."""
     accum = cfg.gradient_accumulation_steps
+    rows = len(epoch_order(size, cfg.seed, 0, labels, cfg.batch_size))
     per_epoch = rows // (cfg.batch_size * processes)
     if per_epoch < accum:
         raise error(

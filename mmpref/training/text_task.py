@@ -29,7 +29,7 @@ from mmpref.hub import weights_named_on_failure
 from mmpref.losses import LogRatios
 from mmpref.progress import progress
 from mmpref.training.config import DTYPES
-from mmpref.training.plan import DataPlan, chat_template_text
+from mmpref.training.plan import DataPlan
 from mmpref.training.reference import AdaptersOff, FrozenCopy, Precomputed, Reference
 from mmpref.training.task import Task
 
@@ -84,8 +84,8 @@ class TextTask(Task):
         # the LM head's chunk: the config's, or one that bounds a chunk's logits whatever the vocabulary
         vocab = model.get_output_embeddings().weight.shape[0]
         self.chunk_size = cfg.lm_head_chunk_size if cfg.lm_head_chunk_size is not None else chunk_size_for(vocab)
-        if (template := chat_template_text(cfg)) is not None:  # the config's, in place of the tokenizer's own
-            tokenizer.chat_template = template
+        if self.plan.chat_template is not None:  # the config's, in place of the tokenizer's own
+            tokenizer.chat_template = self.plan.chat_template
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
@@ -104,7 +104,8 @@ class TextTask(Task):
                 ds, source, _ = data.stream
                 built.append(TextStream(ds, source, models.tokenizer, limits, seed=cfg.seed, buffer=cfg.shuffle_buffer,
                                         rank=acc.process_index, world=acc.num_processes, on_bad_rows=cfg.on_bad_rows,
-                                        chosen_scores_higher=self.plan.objective.chosen_scores_higher))  # fmt: skip
+                                        chosen_scores_higher=self.plan.objective.chosen_scores_higher,
+                                        columns=data.columns))  # fmt: skip
             else:
                 built.append(TokenizedSplit.build(data, name, models.tokenizer, limits, acc, embedding_model))
         self.train, self.eval = built
